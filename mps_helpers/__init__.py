@@ -1,0 +1,70 @@
+"""mps_helpers: run Hugging Face diffusers pipelines well on Apple Silicon, CUDA and CPU.
+
+Importing the package does no work and imports neither torch nor diffusers: each public
+name is loaded from its module on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from mps_helpers._version import __version__
+
+if TYPE_CHECKING:
+    from mps_helpers._apply import load_pipeline, plan_of, prepare_pipeline
+    from mps_helpers._attention import SafeSlicedAttnProcessor
+    from mps_helpers._auto import auto_prepare
+    from mps_helpers._checks import Finding, check_environment
+    from mps_helpers._distributed import generate
+    from mps_helpers._environment import Environment, detect_environment
+    from mps_helpers._errors import (
+        BatchError,
+        DeviceOutOfMemoryError,
+        DeviceUnavailableError,
+        MemoryPressureWarning,
+        NonFiniteOutputError,
+        NonFiniteOutputWarning,
+        WarmupError,
+    )
+    from mps_helpers._plan import Plan, plan_for
+    from mps_helpers._warmup import warmup
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "Environment": "mps_helpers._environment",
+    "detect_environment": "mps_helpers._environment",
+    "Finding": "mps_helpers._checks",
+    "check_environment": "mps_helpers._checks",
+    "Plan": "mps_helpers._plan",
+    "plan_for": "mps_helpers._plan",
+    "prepare_pipeline": "mps_helpers._apply",
+    "plan_of": "mps_helpers._apply",
+    "load_pipeline": "mps_helpers._apply",
+    "warmup": "mps_helpers._warmup",
+    "SafeSlicedAttnProcessor": "mps_helpers._attention",
+    "auto_prepare": "mps_helpers._auto",
+    "generate": "mps_helpers._distributed",
+    "BatchError": "mps_helpers._errors",
+    "DeviceOutOfMemoryError": "mps_helpers._errors",
+    "DeviceUnavailableError": "mps_helpers._errors",
+    "MemoryPressureWarning": "mps_helpers._errors",
+    "NonFiniteOutputError": "mps_helpers._errors",
+    "NonFiniteOutputWarning": "mps_helpers._errors",
+    "WarmupError": "mps_helpers._errors",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mps_helpers' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,0 +1,65 @@
+"""Exceptions and warnings the library raises, in one place so every layer can share them."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mps_helpers._checks import Finding
+
+__all__ = [
+    "BatchError",
+    "DeviceOutOfMemoryError",
+    "DeviceUnavailableError",
+    "MemoryPressureWarning",
+    "NonFiniteOutputError",
+    "NonFiniteOutputWarning",
+    "WarmupError",
+]
+
+
+class DeviceUnavailableError(RuntimeError):
+    """An explicitly requested device cannot be used on this machine.
+
+    ``findings`` holds the readiness findings (see :func:`mps_helpers.check_environment`)
+    that explain why, each with its fix.
+    """
+
+    def __init__(self, message: str, findings: tuple[Finding, ...] = ()) -> None:
+        super().__init__(message)
+        self.findings = findings
+
+
+class BatchError(Exception):
+    """One prompt of a looped batch failed; the prompts finished before it are kept.
+
+    Attributes:
+        index: position of the failing prompt in the batch.
+        completed: the merged result of the prompts before ``index``, of the same type a
+            normal call returns (None when the first prompt failed).
+    """
+
+    def __init__(self, message: str, *, index: int, completed: Any) -> None:
+        super().__init__(message)
+        self.index = index
+        self.completed = completed
+
+
+class WarmupError(RuntimeError):
+    """The one-time warmup pass failed (the pipeline itself is left usable)."""
+
+
+class DeviceOutOfMemoryError(RuntimeError):
+    """The device ran out of memory, also after a retry with a stricter memory plan."""
+
+
+class NonFiniteOutputWarning(RuntimeWarning):
+    """The pipeline produced NaN/inf images; the library repaired them (the message says how)."""
+
+
+class NonFiniteOutputError(RuntimeError):
+    """The pipeline produced NaN/inf images and no repair gave finite ones."""
+
+
+class MemoryPressureWarning(RuntimeWarning):
+    """Swap grew during a call: the machine was short of memory and slowed down."""
