@@ -38,9 +38,3 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             for item in marked:
                 item.add_marker(pytest.mark.skip(reason=why))
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> None:
-    """Keep torch to one thread so parallel CI jobs on 2 cores stay predictable."""
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(1)
