@@ -54,7 +54,29 @@ _EXPORTS: dict[str, str] = {
     "WarmupError": "mps_helpers._errors",
 }
 
-__all__ = ["__version__", *sorted(_EXPORTS)]
+__all__ = [
+    "BatchError",
+    "DeviceOutOfMemoryError",
+    "DeviceUnavailableError",
+    "Environment",
+    "Finding",
+    "MemoryPressureWarning",
+    "NonFiniteOutputError",
+    "NonFiniteOutputWarning",
+    "Plan",
+    "SafeSlicedAttnProcessor",
+    "WarmupError",
+    "__version__",
+    "auto_prepare",
+    "check_environment",
+    "detect_environment",
+    "generate",
+    "load_pipeline",
+    "plan_for",
+    "plan_of",
+    "prepare_pipeline",
+    "warmup",
+]
 
 
 def __getattr__(name: str) -> Any:

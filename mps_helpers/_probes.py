@@ -10,11 +10,13 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from packaging.version import InvalidVersion, Version
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__: list[str] = []  # internal module
 
@@ -129,7 +131,7 @@ def _parse_version(text: str) -> Version | None:
 def run(args: list[str], *, env: dict[str, str] | None = None) -> str | None:
     """Run a command and return its stdout, or None if it could not run or failed."""
     try:
-        done = subprocess.run(  # noqa: S603 - fixed argument lists, no shell
+        done = subprocess.run(
             args,
             capture_output=True,
             text=True,

@@ -1,0 +1,10 @@
+"""``python -m mps_helpers``: the command line."""
+
+from __future__ import annotations
+
+import sys
+
+from mps_helpers._cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""The ``doctor`` command: report, JSON, exit status, usage errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from machines import MACHINES
+
+from mps_helpers import _cli, _environment
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mps_helpers", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.fixture
+def fake_machine(monkeypatch: pytest.MonkeyPatch) -> object:
+    def use(name: str) -> None:
+        monkeypatch.setattr(_environment, "detect_environment", lambda **kw: MACHINES[name])
+
+    return use
+
+
+def test_doctor_real_machine_subprocess() -> None:
+    done = run_cli("doctor")
+    assert done.returncode in {0, 1}
+    assert "torch:" in done.stdout
+    assert "Traceback" not in done.stderr
+
+
+def test_doctor_json_subprocess() -> None:
+    done = run_cli("doctor", "--json")
+    data = json.loads(done.stdout)
+    assert set(data) == {"environment", "findings"}
+    assert data["environment"]["system"]
+    assert all({"level", "code", "message", "fix"} == set(f) for f in data["findings"])
+    has_error = any(f["level"] == "error" for f in data["findings"])
+    assert done.returncode == (1 if has_error else 0)
+
+
+@pytest.mark.parametrize("args", [["doctor", "--bogus"], ["nonsense"], []])
+def test_usage_errors_exit_2_without_traceback(args: list[str]) -> None:
+    done = run_cli(*args)
+    assert done.returncode == 2
+    assert "usage:" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_console_script_is_declared() -> None:
+    from importlib import metadata
+
+    scripts = {ep.name: ep.value for ep in metadata.entry_points(group="console_scripts")}
+    assert scripts.get("mps-helpers") == "mps_helpers._cli:main"
+
+
+@pytest.mark.parametrize("name", sorted(MACHINES))
+def test_doctor_exit_status_follows_errors(
+    name: str, fake_machine: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mps_helpers import check_environment
+
+    fake_machine(name)  # type: ignore[operator]
+    status = _cli.main(["doctor"])
+    out = capsys.readouterr().out
+    findings = check_environment(MACHINES[name])
+    assert status == (1 if any(f.level == "error" for f in findings) else 0)
+    for f in findings:
+        assert f.code in out
+        if f.fix:
+            assert f.fix in out
+    assert ("Not ready" in out) == (status == 1)
+
+
+def test_doctor_json_for_rosetta(fake_machine: object, capsys: pytest.CaptureFixture[str]) -> None:
+    fake_machine("rosetta-m1")  # type: ignore[operator]
+    assert _cli.main(["doctor", "--json"]) == 1
+    data = json.loads(capsys.readouterr().out)
+    assert data["environment"]["is_rosetta"] is True
+    assert data["environment"]["macos_version"] == "14.2"
+    assert data["findings"][0]["code"] == "rosetta"
+    assert data["findings"][0]["level"] == "error"
