@@ -1,0 +1,299 @@
+"""Tests of the one-time warmup: once per pipeline, invisible to results, RNG and callbacks."""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pytest
+import torch
+
+import mps_helpers
+from mps_helpers import _warmup
+from mps_helpers._call import prepared_call
+from mps_helpers.testing import tiny_pipeline
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+SIZE = {"height": 32, "width": 32, "num_inference_steps": 2}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    # The tiny pipelines are bound by per-op overhead: on a shared 2-core machine, two
+    # threads per op make each call many times slower, not faster.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_plan(**on: Any) -> SimpleNamespace:
+    """Return a plan-like object with only ``warmup`` (and ``on``) switched on."""
+    fields: dict[str, Any] = {
+        "device": "cpu",
+        "dtype": torch.float32,
+        "warmup": True,
+        "batch_to_loop": False,
+        "nan_guard": False,
+        "oom_retry": False,
+        "memory_watch": False,
+        "memory_tight": False,
+    }
+    fields.update(on)
+    return SimpleNamespace(**fields)
+
+
+class Spy:
+    """The pipeline's own ``__call__``, bound to it, recording (and optionally failing) calls."""
+
+    def __init__(self, pipe: Any, fail_at: int | None = None) -> None:
+        self.calls: list[dict[str, Any]] = []
+        original = type(pipe).__call__
+
+        @functools.wraps(original)
+        def wrapper(inner: Any, *args: Any, **kwargs: Any) -> Any:
+            self.calls.append(kwargs)
+            if fail_at is not None and len(self.calls) == fail_at + 1:
+                raise RuntimeError("injected failure")
+            return original(inner, *args, **kwargs)
+
+        self.call = functools.partial(wrapper, pipe)
+
+
+@pytest.fixture(scope="module")
+def shared_sd() -> Any:
+    return tiny_pipeline("sd")
+
+
+@pytest.fixture
+def sd(shared_sd: Any) -> Iterator[Any]:
+    """The module's tiny SD pipeline, not warmed up, with a warmup plan while the test runs."""
+    _warmup._warmed.pop(shared_sd, None)
+    shared_sd._mps_helpers_plan = make_plan()
+    yield shared_sd
+    del shared_sd._mps_helpers_plan
+    _warmup._warmed.pop(shared_sd, None)
+    shared_sd.set_progress_bar_config(disable=True)
+
+
+class FakePipe:
+    """A hashable stand-in pipeline for tests that need no real model."""
+
+    def __init__(self, plan: Any) -> None:
+        self._mps_helpers_plan = plan
+
+
+def fake_call(  # noqa: PLR0917 - the positional signature of a diffusers pipeline call
+    prompt: Any = None,
+    height: int | None = None,
+    width: int | None = None,
+    num_inference_steps: int = 50,
+    num_images_per_prompt: int = 1,
+    generator: Any = None,
+    **kwargs: Any,
+) -> Any:
+    return {"prompt": prompt, "steps": num_inference_steps}
+
+
+# ---------------------------------------------------------------------------------------
+# Once, at the first call's size
+
+
+def test_first_call_warms_up_once_at_its_size(sd: Any) -> None:
+    spy = Spy(sd)
+    seen: list[int] = []
+
+    def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> Any:
+        seen.append(step)
+        return tensors
+
+    generator = torch.Generator().manual_seed(0)
+    options = {"output_type": "np", "callback_on_step_end": on_step_end, **SIZE}
+    prepared_call(
+        sd, spy.call, (["a red cube", "a blue ball"],), {"generator": generator, **options}
+    )
+    prepared_call(sd, spy.call, ("again",), options)
+
+    assert [call["num_inference_steps"] for call in spy.calls] == [1, 2, 2]
+    warm = spy.calls[0]
+    assert (warm["height"], warm["width"]) == (32, 32)
+    assert warm["prompt"] == ["a red cube"]  # the first prompt only
+    assert warm["num_images_per_prompt"] == 1
+    assert warm["generator"] is not generator
+    assert "callback_on_step_end" not in warm
+    assert seen == [0, 1, 0, 1]  # the user's callback saw the real calls only
+
+
+def test_warmup_is_once_per_pipeline_across_threads() -> None:
+    lock = threading.Lock()
+    counts = {"warmup": 0, "real": 0}
+
+    def slow_call(**kwargs: Any) -> Any:
+        if kwargs["num_inference_steps"] == 1:
+            time.sleep(0.05)  # a wide window for other threads to arrive
+        with lock:
+            counts["warmup" if kwargs["num_inference_steps"] == 1 else "real"] += 1
+        return fake_call(**kwargs)
+
+    call = functools.wraps(fake_call)(slow_call)
+    pipe = FakePipe(make_plan())
+    start = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        start.wait()
+        try:
+            prepared_call(pipe, call, ("a",), {"num_inference_steps": 3})
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert counts == {"warmup": 1, "real": 8}
+
+
+def test_warmup_runs_again_for_a_new_device_or_dtype_only() -> None:
+    steps: list[int] = []
+
+    def call(**kwargs: Any) -> Any:
+        steps.append(kwargs["num_inference_steps"])
+        return fake_call(**kwargs)
+
+    pipe = FakePipe(make_plan())
+    wrapped = functools.wraps(fake_call)(call)
+    for plan in (
+        make_plan(),
+        make_plan(),
+        make_plan(dtype=torch.float16),
+        make_plan(device="mps", dtype=torch.float16),
+        make_plan(),
+    ):
+        pipe._mps_helpers_plan = plan
+        prepared_call(pipe, wrapped, (), {"prompt": "a", "num_inference_steps": 4})
+    assert steps == [1, 4, 4, 1, 4, 1, 4, 4]
+
+
+def test_no_warmup_when_the_plan_says_so(sd: Any) -> None:
+    sd._mps_helpers_plan = make_plan(warmup=False, nan_guard=True)
+    spy = Spy(sd)
+    prepared_call(sd, spy.call, ("a",), {"output_type": "latent", **SIZE})
+    assert [call["num_inference_steps"] for call in spy.calls] == [2]
+
+
+# ---------------------------------------------------------------------------------------
+# Invisible: results, generators, global RNG, progress bars
+
+
+def test_warmed_output_equals_unwarmed_and_leaves_the_generator_as_it_would(sd: Any) -> None:
+    options = {"output_type": "np", **SIZE}
+    unwarmed_generator = torch.Generator().manual_seed(5)
+    unwarmed = sd("a red cube", generator=unwarmed_generator, **options)
+    spy = Spy(sd)
+    warmed_generator = torch.Generator().manual_seed(5)
+    warmed = prepared_call(
+        sd, spy.call, ("a red cube",), {"generator": warmed_generator, **options}
+    )
+    assert len(spy.calls) == 2  # the warmup happened
+    assert np.array_equal(warmed.images, unwarmed.images)
+    assert torch.equal(warmed_generator.get_state(), unwarmed_generator.get_state())
+
+
+def test_warmup_leaves_the_global_rng_alone(sd: Any) -> None:
+    before = torch.get_rng_state()
+    _warmup.ensure_warm(sd, sd._mps_helpers_plan, Spy(sd).call, {"prompt": "a", **SIZE})
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_warmup_restores_the_global_rng_even_when_the_pipeline_draws_from_it() -> None:
+    def greedy(**kwargs: Any) -> Any:
+        torch.randn(100)
+        return fake_call(**kwargs)
+
+    before = torch.get_rng_state()
+    pipe = FakePipe(make_plan())
+    _warmup.ensure_warm(pipe, pipe._mps_helpers_plan, functools.wraps(fake_call)(greedy), {})
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_warmup_shows_no_progress_bar(sd: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    sd.set_progress_bar_config(desc="visible")
+    _warmup.ensure_warm(sd, sd._mps_helpers_plan, Spy(sd).call, {"prompt": "a", **SIZE})
+    assert capsys.readouterr().err == ""
+    assert sd._progress_bar_config == {"desc": "visible"}
+
+
+def test_img2img_warmup_works_at_any_strength() -> None:
+    from PIL import Image
+
+    pipe = tiny_pipeline("sd-img2img")
+    pipe._mps_helpers_plan = make_plan()
+    spy = Spy(pipe)
+    image = Image.new("RGB", (32, 32), "gray")
+    # one step at strength 0.5 would leave no step at all: the warmup runs at strength 1
+    options = {"image": image, "strength": 0.5, "height": 32, "width": 32}
+    prepared_call(pipe, spy.call, ("a",), {**options, "num_inference_steps": 4})
+    assert [(call["num_inference_steps"], call["strength"]) for call in spy.calls] == [
+        (1, 1.0),
+        (4, 0.5),
+    ]
+
+
+# ---------------------------------------------------------------------------------------
+# Failure
+
+
+def test_a_failed_warmup_says_so_and_the_pipeline_stays_usable(sd: Any) -> None:
+    spy = Spy(sd, fail_at=0)
+    options = {"output_type": "np", **SIZE}
+    before = torch.get_rng_state()
+    with pytest.raises(mps_helpers.WarmupError, match="warmup pass") as info:
+        prepared_call(
+            sd, spy.call, ("a",), {"generator": torch.Generator().manual_seed(1), **options}
+        )
+    assert str(info.value.__cause__) == "injected failure"
+    assert len(spy.calls) == 1  # the real call did not run
+    assert torch.equal(torch.get_rng_state(), before)
+    assert sd._progress_bar_config == {"disable": True}
+
+    again = prepared_call(
+        sd, spy.call, ("a",), {"generator": torch.Generator().manual_seed(1), **options}
+    )
+    plain = sd("a", generator=torch.Generator().manual_seed(1), **options)
+    assert [call["num_inference_steps"] for call in spy.calls] == [1, 2]  # no second warmup
+    assert np.array_equal(again.images, plain.images)
+
+
+# ---------------------------------------------------------------------------------------
+# The explicit warmup
+
+
+def test_explicit_warmup_front_loads_the_first_calls_warmup(sd: Any) -> None:
+    before = torch.get_rng_state()
+    mps_helpers.warmup(sd, prompt="a", height=32, width=32)
+    assert torch.equal(torch.get_rng_state(), before)
+    spy = Spy(sd)
+    prepared_call(sd, spy.call, ("a",), {"output_type": "latent", **SIZE})
+    assert [call["num_inference_steps"] for call in spy.calls] == [2]
+
+
+def test_explicit_warmup_works_on_a_plain_pipeline(shared_sd: Any) -> None:
+    mps_helpers.warmup(shared_sd, height=32, width=32)  # no prompt: an empty one is used
+    _warmup._warmed.pop(shared_sd, None)
+
+
+def test_a_failed_explicit_warmup_raises_and_the_next_call_still_warms_up(sd: Any) -> None:
+    with pytest.raises(mps_helpers.WarmupError, match="divisible by 8"):
+        mps_helpers.warmup(sd, prompt="a", height=31, width=31)
+    spy = Spy(sd)
+    prepared_call(sd, spy.call, ("a",), {"output_type": "latent", **SIZE})
+    assert [call["num_inference_steps"] for call in spy.calls] == [1, 2]
