@@ -1,0 +1,541 @@
+"""Tiny diffusers pipelines with random weights, built offline, for tests.
+
+``tiny_pipeline("sd")`` returns a real :class:`~diffusers.StableDiffusionPipeline` whose
+components are a few hundred kilobytes of random weights, so that a two-step call at its
+default size (64 px) takes a fraction of a second on a CPU. Downstream projects use these to
+exercise their own mps / CUDA / CPU code paths in CI with no downloads::
+
+    from mps_helpers.testing import tiny_pipeline
+
+    pipe = tiny_pipeline("sdxl", seed=0)
+    image = pipe("a photo of an astronaut", num_inference_steps=2, output_type="np").images
+
+The tokenizers are byte-level CLIP tokenizers built from a vocabulary written on the spot
+(every byte, as a word piece and as a word end, plus the two CLIP special tokens, no merges),
+so arbitrary text tokenizes, one token per byte, truncated to 77 tokens as CLIP's is. The
+text encoders' ``vocab_size`` matches that vocabulary.
+
+This module needs the ``testing`` extra (``pip install "mps_helpers[testing]"``, which brings
+transformers); importing it without transformers raises ImportError saying so.
+
+.. versionadded:: 0.1
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+# Checked at import time, cheaply (no import of transformers itself), so that a missing extra
+# shows up where the user imports this module rather than deep inside a test.
+if importlib.util.find_spec("transformers") is None:
+    raise ImportError(
+        "mps_helpers.testing needs transformers, which is not installed: "
+        'install the testing extra with pip install "mps_helpers[testing]"',
+        name="transformers",
+    )
+
+if TYPE_CHECKING:
+    import os
+
+__all__ = ["KINDS", "save_tiny_pipeline", "tiny_pipeline"]
+
+KINDS: tuple[str, ...] = ("sd", "sd-img2img", "sd-inpaint", "sdxl", "sd3")
+"""The pipeline families :func:`tiny_pipeline` builds."""
+
+# CLIP's context length; diffusers reads it from the tokenizer's ``model_max_length``.
+_MAX_LENGTH = 77
+
+# Stable Diffusion 1.x/2.x/XL training noise schedule, as in the models' scheduler configs.
+_SD_SCHEDULE: dict[str, Any] = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "steps_offset": 1,
+}
+
+
+def tiny_pipeline(kind: str = "sd", *, seed: int = 0) -> Any:
+    """Return a tiny pipeline of family ``kind`` with random weights drawn from ``seed``.
+
+    Args:
+        kind: one of :data:`KINDS`: ``"sd"`` (StableDiffusionPipeline), ``"sd-img2img"``
+            (StableDiffusionImg2ImgPipeline), ``"sd-inpaint"`` (StableDiffusionInpaintPipeline,
+            9-channel UNet), ``"sdxl"`` (StableDiffusionXLPipeline, two text encoders),
+            ``"sd3"`` (StableDiffusion3Pipeline: an SD3Transformer2DModel, two CLIP encoders
+            with projection and a 2-layer T5 encoder with an ASCII tokenizer).
+        seed: the same seed gives the same weights, whatever the caller's random state; the
+            caller's global torch random state is left as it was.
+
+    The pipeline is on the CPU in float32, with its progress bar disabled; SD-family
+    pipelines have no safety checker. Every kind's default output size is 64x64 px.
+
+    Raises:
+        ValueError: ``kind`` is not one of :data:`KINDS`.
+    """
+    _check_kind(kind)
+    import torch
+
+    # fork_rng restores the caller's CPU random state afterwards: building test fixtures
+    # must not change what the caller's own torch.manual_seed-based code draws next.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        pipe = _BUILDERS[kind]()
+    _finish(pipe)
+    return pipe
+
+
+def save_tiny_pipeline(path: str | os.PathLike[str], kind: str = "sd", *, seed: int = 0) -> Path:
+    """Write :func:`tiny_pipeline` ``(kind, seed=seed)`` to ``path`` and return it as a Path.
+
+    The directory is written with ``save_pretrained`` in safetensors format, so that
+    ``DiffusionPipeline.from_pretrained(path)`` loads it offline.
+
+    Raises:
+        ValueError: ``kind`` is not one of :data:`KINDS` (nothing is written).
+    """
+    _check_kind(kind)
+    target = Path(path)
+    tiny_pipeline(kind, seed=seed).save_pretrained(target, safe_serialization=True)
+    return target
+
+
+def _finish(pipe: Any) -> None:
+    """Put ``pipe`` in the state ``from_pretrained`` leaves a pipeline in, less the noise."""
+    import torch
+
+    # Freshly constructed modules are in training mode; loaded ones are in eval mode, and a
+    # tiny pipeline must behave like a loaded one (dropout, and a loaded copy's output).
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    pipe.set_progress_bar_config(disable=True)
+
+
+def _diffusers() -> Any:
+    """Return the diffusers module, typed as Any."""
+    # Any on purpose: diffusers' lazy __init__ shows mypy its dummy placeholder classes (no
+    # save_pretrained, untyped constructors) rather than the real ones.
+    import diffusers
+
+    return diffusers
+
+
+def _transformers() -> Any:
+    """Return the transformers module, typed as Any (its constructors are untyped too)."""
+    import transformers
+
+    return transformers
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        valid = ", ".join(repr(k) for k in KINDS)
+        raise ValueError(f"unknown tiny pipeline kind {kind!r}: expected one of {valid}")
+
+
+# ---------------------------------------------------------------------------------------
+# Offline tokenizer
+
+
+def _byte_vocab() -> dict[str, int]:
+    """Return a CLIP vocabulary of every byte, as a word piece and as a word end."""
+    # GPT-2/CLIP's byte-to-unicode table: printable bytes map to themselves, the others to
+    # code points from 256 up, so that every byte has a visible, unique character.
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars: list[str] = []
+    shifted = 0
+    for byte in range(256):
+        if byte in printable:
+            chars.append(chr(byte))
+        else:
+            chars.append(chr(256 + shifted))
+            shifted += 1
+    pieces = [*chars, *(c + "</w>" for c in chars), "<|startoftext|>", "<|endoftext|>"]
+    return {piece: index for index, piece in enumerate(pieces)}
+
+
+def _tokenizer() -> Any:
+    """Return a byte-level CLIP tokenizer built from files written to a temporary directory."""
+    transformers = _transformers()
+
+    # from_pretrained on a local folder of vocab.json + merges.txt is the one construction
+    # that transformers 4 (slow, file-based) and 5 (tokenizers-backed) both accept.
+    with tempfile.TemporaryDirectory(prefix="mps_helpers_tokenizer_") as folder:
+        root = Path(folder)
+        (root / "vocab.json").write_text(json.dumps(_byte_vocab()), encoding="utf-8")
+        (root / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+        return transformers.CLIPTokenizer.from_pretrained(
+            root,
+            model_max_length=_MAX_LENGTH,
+            pad_token="<|endoftext|>",
+            local_files_only=True,
+        )
+
+
+def _t5_tokenizer() -> Any:
+    """Return a T5 tokenizer of printable ASCII characters, built without a download.
+
+    Other characters become ``<unk>``, as characters outside T5's SentencePiece model do.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    transformers = _transformers()
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(chr(code), -3.0) for code in range(ord("!"), ord("~") + 1)]
+    backend = Tokenizer(models.Unigram(pieces, unk_id=2))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    backend.post_processor = processors.TemplateProcessing(
+        single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"], special_tokens=[("</s>", 1)]
+    )
+    # As for CLIP: a tokenizer.json in a folder is what both transformers 4 and 5 load.
+    with tempfile.TemporaryDirectory(prefix="mps_helpers_tokenizer_") as folder:
+        backend.save(str(Path(folder) / "tokenizer.json"))
+        return transformers.T5TokenizerFast.from_pretrained(
+            folder,
+            extra_ids=0,
+            model_max_length=512,
+            eos_token="</s>",
+            unk_token="<unk>",
+            pad_token="<pad>",
+            local_files_only=True,
+        )
+
+
+def _text_config(tokenizer: Any, **sizes: Any) -> Any:
+    """Return a CLIPTextConfig whose vocabulary and special ids are ``tokenizer``'s."""
+    transformers = _transformers()
+
+    options: dict[str, Any] = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "layer_norm_eps": 1e-05,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 5,
+        "hidden_act": "gelu",
+        "projection_dim": 32,
+        "max_position_embeddings": _MAX_LENGTH,
+    }
+    options.update(sizes)
+    return transformers.CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **options,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Builders: configs mirror diffusers' own get_dummy_components, enlarged where needed so that
+# every kind defaults to 64 px.
+
+
+def _sd_unet(in_channels: int = 4) -> Any:
+    diffusers = _diffusers()
+
+    return diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=in_channels,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+    )
+
+
+def _sd_vae() -> Any:
+    diffusers = _diffusers()
+
+    # Two blocks: vae_scale_factor 2, so the 32-latent UNet gives 64 px images.
+    return diffusers.AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        sample_size=64,
+    )
+
+
+def _sd_components(*, in_channels: int = 4) -> dict[str, Any]:
+    diffusers = _diffusers()
+    transformers = _transformers()
+
+    unet = _sd_unet(in_channels)
+    vae = _sd_vae()
+    tokenizer = _tokenizer()
+    text_encoder = transformers.CLIPTextModel(_text_config(tokenizer))
+    scheduler = diffusers.DDIMScheduler(**_SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False)
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+        "safety_checker": None,
+        "feature_extractor": None,
+        "image_encoder": None,
+        "requires_safety_checker": False,
+    }
+
+
+def _build_sd() -> Any:
+    diffusers = _diffusers()
+
+    return diffusers.StableDiffusionPipeline(**_sd_components())
+
+
+def _build_sd_img2img() -> Any:
+    diffusers = _diffusers()
+
+    return diffusers.StableDiffusionImg2ImgPipeline(**_sd_components())
+
+
+def _build_sd_inpaint() -> Any:
+    diffusers = _diffusers()
+
+    # Inpainting UNets take noisy latents (4) + mask (1) + masked-image latents (4).
+    return diffusers.StableDiffusionInpaintPipeline(**_sd_components(in_channels=9))
+
+
+def _build_sdxl() -> Any:
+    diffusers = _diffusers()
+    transformers = _transformers()
+
+    unet = diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        # six micro-conditioning ids x 8 + the second encoder's 32-wide pooled embedding
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        # the two encoders' hidden states are concatenated: 32 + 32
+        cross_attention_dim=64,
+    )
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        sample_size=64,
+    )
+    tokenizer = _tokenizer()
+    tokenizer_2 = _tokenizer()
+    text_encoder = transformers.CLIPTextModel(_text_config(tokenizer))
+    text_encoder_2 = transformers.CLIPTextModelWithProjection(_text_config(tokenizer_2))
+    scheduler = diffusers.EulerDiscreteScheduler(**_SD_SCHEDULE, timestep_spacing="leading")
+    return diffusers.StableDiffusionXLPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        scheduler=scheduler,
+        image_encoder=None,
+        feature_extractor=None,
+    )
+
+
+def _build_sd3() -> Any:
+    diffusers = _diffusers()
+    transformers = _transformers()
+
+    transformer = diffusers.SD3Transformer2DModel(
+        sample_size=32,
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        # the T5 encoder's width; the two CLIP encoders' hidden states side by side (32 + 32)
+        # are zero-padded to it, as SD3's 768 + 1280 are to T5-XXL's 4096
+        joint_attention_dim=64,
+        # the two encoders' pooled projections side by side (32 + 32)
+        pooled_projection_dim=64,
+        out_channels=4,
+    )
+    vae = diffusers.AutoencoderKL(
+        sample_size=64,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+    tokenizer = _tokenizer()
+    tokenizer_2 = _tokenizer()
+    text_encoder = transformers.CLIPTextModelWithProjection(_text_config(tokenizer))
+    text_encoder_2 = transformers.CLIPTextModelWithProjection(_text_config(tokenizer_2))
+    tokenizer_3 = _t5_tokenizer()
+    # T5 v1.1 layout (gated GELU, no tied embeddings) as in SD3's T5-XXL, cut to 2 layers.
+    text_encoder_3 = transformers.T5EncoderModel(
+        transformers.T5Config(
+            vocab_size=len(tokenizer_3),
+            d_model=64,
+            d_kv=16,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
+            pad_token_id=tokenizer_3.pad_token_id,
+            eos_token_id=tokenizer_3.eos_token_id,
+            decoder_start_token_id=tokenizer_3.pad_token_id,
+        )
+    )
+    return diffusers.StableDiffusion3Pipeline(
+        transformer=transformer,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+    )
+
+
+_BUILDERS = {
+    "sd": _build_sd,
+    "sd-img2img": _build_sd_img2img,
+    "sd-inpaint": _build_sd_inpaint,
+    "sdxl": _build_sdxl,
+    "sd3": _build_sd3,
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Full-size SD 1.5 architecture, for benchmarks (private: slow to build, 4 GB of float32).
+
+
+def _sd15_configs() -> dict[str, dict[str, Any]]:
+    """Return fresh config dicts of Stable Diffusion 1.5's unet, vae and text_encoder.
+
+    Keys: ``"unet"`` (UNet2DConditionModel), ``"vae"`` (AutoencoderKL), ``"text_encoder"``
+    (CLIPTextConfig keyword arguments of CLIP ViT-L/14's text tower), ``"scheduler"``
+    (DDIMScheduler). Parameter counts: UNet 859.5M, VAE 83.7M, text encoder 123.1M.
+    """
+    return {
+        "unet": {
+            "sample_size": 64,
+            "in_channels": 4,
+            "out_channels": 4,
+            "down_block_types": (
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "DownBlock2D",
+            ),
+            "up_block_types": (
+                "UpBlock2D",
+                "CrossAttnUpBlock2D",
+                "CrossAttnUpBlock2D",
+                "CrossAttnUpBlock2D",
+            ),
+            "block_out_channels": (320, 640, 1280, 1280),
+            "layers_per_block": 2,
+            "cross_attention_dim": 768,
+            "attention_head_dim": 8,
+            "norm_num_groups": 32,
+        },
+        "vae": {
+            "sample_size": 512,
+            "in_channels": 3,
+            "out_channels": 3,
+            "down_block_types": ("DownEncoderBlock2D",) * 4,
+            "up_block_types": ("UpDecoderBlock2D",) * 4,
+            "block_out_channels": (128, 256, 512, 512),
+            "layers_per_block": 2,
+            "latent_channels": 4,
+            "norm_num_groups": 32,
+        },
+        "text_encoder": {
+            "vocab_size": 49408,
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "max_position_embeddings": _MAX_LENGTH,
+            "hidden_act": "quick_gelu",
+            "projection_dim": 768,
+        },
+        "scheduler": {**_SD_SCHEDULE, "clip_sample": False, "set_alpha_to_one": False},
+    }
+
+
+def sd15_pipeline(seed: int = 0, *, vocab_size: int | None = None) -> Any:
+    """Return a StableDiffusionPipeline of SD 1.5's architecture with random weights.
+
+    The UNet (859.5M parameters), VAE (83.7M) and CLIP-L text encoder have SD 1.5's shapes;
+    the tokenizer is this module's byte-level one (514 tokens), so by default the text
+    encoder's vocabulary is cut to match it (85.2M parameters instead of 123.1M). Pass
+    ``vocab_size=49408`` for the real embedding table (and parameter count); token ids stay
+    below 514 either way. DDIM scheduler, no safety checker, float32 on the CPU: about 4 GB
+    of memory and tens of seconds to initialise.
+    """
+    import torch
+
+    diffusers = _diffusers()
+    transformers = _transformers()
+
+    configs = _sd15_configs()
+    tokenizer = _tokenizer()
+    text_options = configs["text_encoder"]
+    text_options["vocab_size"] = len(tokenizer) if vocab_size is None else vocab_size
+    if text_options["vocab_size"] < len(tokenizer):
+        raise ValueError(
+            f"vocab_size={vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens"
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = diffusers.UNet2DConditionModel(**configs["unet"])
+        vae = diffusers.AutoencoderKL(**configs["vae"])
+        text_encoder = transformers.CLIPTextModel(_text_config(tokenizer, **text_options))
+    pipe = diffusers.StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=diffusers.DDIMScheduler(**configs["scheduler"]),
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+    _finish(pipe)
+    return pipe

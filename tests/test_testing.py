@@ -1,0 +1,233 @@
+"""Tests of mps_helpers.testing: tiny offline pipelines."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pytest
+import torch
+
+from mps_helpers import testing
+from mps_helpers.testing import KINDS, save_tiny_pipeline, tiny_pipeline
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+EXPECTED_CLASSES = {
+    "sd": "StableDiffusionPipeline",
+    "sd-img2img": "StableDiffusionImg2ImgPipeline",
+    "sd-inpaint": "StableDiffusionInpaintPipeline",
+    "sdxl": "StableDiffusionXLPipeline",
+    "sd3": "StableDiffusion3Pipeline",
+}
+
+LONG_PROMPT = (
+    "a photo of an astronaut riding a horse on mars, highly detailed, ünïcödé, 宇宙飛行士, "
+    "emoji \N{ROCKET}, tabs\tand\nnewlines, " * 6
+)
+
+
+def call_inputs(kind: str, *, seed: int = 0, prompt: str = "a photo of a cat") -> dict[str, Any]:
+    """Return keyword arguments for a 2-step, 64 px call of a ``kind`` pipeline."""
+    from PIL import Image
+
+    inputs: dict[str, Any] = {
+        "prompt": prompt,
+        "num_inference_steps": 2,
+        "output_type": "np",
+        "generator": torch.Generator("cpu").manual_seed(seed),
+    }
+    if kind in {"sd-img2img", "sd-inpaint"}:
+        gradient = np.linspace(0, 255, 64 * 64 * 3, dtype=np.float64).reshape(64, 64, 3)
+        inputs["image"] = Image.fromarray(gradient.astype(np.uint8))
+    if kind == "sd-inpaint":
+        mask = np.zeros((64, 64), dtype=np.uint8)
+        mask[16:48, 16:48] = 255
+        inputs["mask_image"] = Image.fromarray(mask)
+    return inputs
+
+
+def run(pipe: Any, kind: str, **options: Any) -> np.ndarray[Any, Any]:
+    images = pipe(**call_inputs(kind, **options)).images
+    assert isinstance(images, np.ndarray)
+    return images
+
+
+def weights(pipe: Any) -> dict[str, torch.Tensor]:
+    """Return every module component's state dict, flattened with component prefixes."""
+    flat = {}
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module):
+            for key, value in component.state_dict().items():
+                flat[f"{name}.{key}"] = value
+    return flat
+
+
+def test_kinds_cover_the_issue() -> None:
+    assert isinstance(KINDS, tuple)
+    assert {"sd", "sd-img2img", "sdxl", "sd3"} <= set(KINDS)
+    assert set(KINDS) == set(EXPECTED_CLASSES)
+    assert testing.__all__ == ["KINDS", "save_tiny_pipeline", "tiny_pipeline"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_kind_builds_and_runs(kind: str) -> None:
+    pipe = tiny_pipeline(kind)
+    assert type(pipe).__name__ == EXPECTED_CLASSES[kind]
+    assert pipe.device.type == "cpu"
+    assert pipe.dtype == torch.float32
+    if hasattr(pipe, "safety_checker"):
+        assert pipe.safety_checker is None
+    images = run(pipe, kind)
+    assert images.shape == (1, 64, 64, 3)
+    assert np.isfinite(images).all()
+    assert images.min() >= 0.0
+    assert images.max() <= 1.0
+    assert images.std() > 0.01  # random weights still give a non-constant image
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_same_seed_same_weights_other_seed_other_weights(kind: str) -> None:
+    first, again, other = weights(tiny_pipeline(kind)), weights(tiny_pipeline(kind)), None
+    assert first.keys() == again.keys()
+    assert all(torch.equal(first[key], again[key]) for key in first)
+    other = weights(tiny_pipeline(kind, seed=1))
+    assert first.keys() == other.keys()
+    changed = [key for key in first if not torch.equal(first[key], other[key])]
+    # Every randomly initialised tensor differs; only constants (norm weights, biases set to
+    # zero, position ids) may agree.
+    assert len(changed) > len(first) // 3
+
+
+def test_same_seed_same_image() -> None:
+    first = run(tiny_pipeline("sd", seed=3), "sd")
+    again = run(tiny_pipeline("sd", seed=3), "sd")
+    other = run(tiny_pipeline("sd", seed=4), "sd")
+    np.testing.assert_array_equal(first, again)
+    assert np.abs(first - other).max() > 1e-3
+
+
+def test_building_leaves_the_callers_random_state_alone() -> None:
+    torch.manual_seed(1234)
+    expected = torch.rand(4)
+    torch.manual_seed(1234)
+    tiny_pipeline("sd", seed=7)
+    assert torch.equal(torch.rand(4), expected)
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl", "sd3"])
+def test_saved_pipeline_loads_offline_and_matches(kind: str, tmp_path: Path) -> None:
+    from diffusers import DiffusionPipeline
+
+    written = save_tiny_pipeline(tmp_path / kind, kind, seed=2)
+    assert written == tmp_path / kind
+    assert (written / "model_index.json").is_file()
+    assert list(written.rglob("*.safetensors"))
+    assert not list(written.rglob("*.bin"))
+
+    loaded = DiffusionPipeline.from_pretrained(written, local_files_only=True)
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded).__name__ == EXPECTED_CLASSES[kind]
+    original = tiny_pipeline(kind, seed=2)
+    saved, built = weights(loaded), weights(original)
+    assert saved.keys() == built.keys()
+    assert all(torch.equal(saved[key], built[key]) for key in built)
+    # Same weights, bit for bit, but CPU kernels may sum in another order
+    # for tensors loaded from disk: ~1e-6 observed.
+    np.testing.assert_allclose(run(loaded, kind), run(original, kind), rtol=0, atol=1e-5)
+    assert all(
+        not module.training
+        for module in [*loaded.components.values(), *original.components.values()]
+        if isinstance(module, torch.nn.Module)
+    )
+    # the tokenizers survived the round trip
+    assert loaded.tokenizer(LONG_PROMPT).input_ids == original.tokenizer(LONG_PROMPT).input_ids
+    assert loaded.tokenizer.model_max_length == 77
+
+
+@pytest.mark.parametrize("bad", ["SD", "sd15", "", "flux-dev"])
+def test_unknown_kind_is_rejected_listing_the_kinds(bad: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown tiny pipeline kind") as caught:
+        tiny_pipeline(bad)
+    message = str(caught.value)
+    assert repr(bad) in message
+    assert all(repr(kind) in message for kind in KINDS)
+    with pytest.raises(ValueError, match="unknown tiny pipeline kind"):
+        save_tiny_pipeline(tmp_path / "out", bad)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_transformers_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    # None in sys.modules makes `import transformers` (and find_spec) fail as if absent;
+    # monkeypatch puts both entries back afterwards.
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    monkeypatch.delitem(sys.modules, "mps_helpers.testing")
+    with pytest.raises(ImportError, match=r'pip install "mps_helpers\[testing\]"') as caught:
+        importlib.import_module("mps_helpers.testing")
+    assert caught.value.name == "transformers"
+
+
+def test_importing_the_package_does_not_import_testing() -> None:
+    code = (
+        "import sys, mps_helpers; "
+        "heavy = {'mps_helpers.testing', 'transformers', 'torch', 'diffusers'} & set(sys.modules); "
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl", "sd3"])
+def test_long_arbitrary_prompt_truncates_to_77_and_runs(kind: str) -> None:
+    pipe = tiny_pipeline(kind)
+    clip_tokenizers = [pipe.tokenizer, getattr(pipe, "tokenizer_2", None)]
+    for tokenizer in filter(None, clip_tokenizers):
+        untruncated = tokenizer(LONG_PROMPT).input_ids
+        assert len(untruncated) > 77
+        ids = tokenizer(LONG_PROMPT, padding="max_length", truncation=True, max_length=77).input_ids
+        assert len(ids) == 77
+        assert ids[0] == tokenizer.bos_token_id
+        assert ids[-1] == tokenizer.eos_token_id
+        # byte-level: nothing in the prompt falls back to the unknown token
+        assert tokenizer.unk_token_id not in untruncated[1:-1]
+        assert max(untruncated) < pipe.text_encoder.config.vocab_size
+    images = run(pipe, kind, prompt=LONG_PROMPT)
+    assert np.isfinite(images).all()
+    # the prompt reaches the image: another prompt gives another image
+    assert np.abs(images - run(pipe, kind, prompt="a cat")).max() > 1e-4
+
+
+def test_sd15_configs_have_sd15_sizes() -> None:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    configs = testing._sd15_configs()
+    # Built on the meta device: shapes and parameter counts without allocating 4 GB.
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**configs["unet"])
+        vae = AutoencoderKL(**configs["vae"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
+    assert sum(p.numel() for p in unet.parameters()) == pytest.approx(859.5e6, rel=1e-3)
+    assert sum(p.numel() for p in vae.parameters()) == pytest.approx(83.7e6, rel=1e-3)
+    assert sum(p.numel() for p in text_encoder.parameters()) == pytest.approx(123.1e6, rel=1e-3)
+    assert (
+        configs["unet"]["sample_size"] * 2 ** (len(configs["vae"]["block_out_channels"]) - 1) == 512
+    )
+    # fresh dicts each call: a caller's change does not leak into the next call
+    configs["unet"]["sample_size"] = 1
+    assert testing._sd15_configs()["unet"]["sample_size"] == 64
+
+
+@pytest.mark.slow
+def test_sd15_pipeline_builds_with_sd15_unet() -> None:
+    pipe = testing.sd15_pipeline(seed=0)
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    assert sum(p.numel() for p in pipe.unet.parameters()) == pytest.approx(859.5e6, rel=1e-3)
+    assert pipe.text_encoder.config.vocab_size == len(pipe.tokenizer)
+    ids = pipe.tokenizer(LONG_PROMPT, truncation=True, max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        hidden = pipe.text_encoder(ids.input_ids).last_hidden_state
+    assert hidden.shape == (1, 77, 768)
