@@ -222,6 +222,35 @@ def test_loop_with_one_generator_matches_the_batch_under_ddim(sd: Any) -> None:
     assert max_diff(looped.images, batched.images) <= TOLERANCE
 
 
+@pytest.fixture
+def ancestral(sd: Any) -> Iterator[Any]:
+    """The tiny SD pipeline with an ancestral (stochastic) scheduler, Euler a."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    ddim = sd.scheduler
+    sd.scheduler = EulerAncestralDiscreteScheduler.from_config(ddim.config)
+    yield sd
+    sd.scheduler = ddim
+
+
+def test_loop_with_a_generator_list_matches_the_batch_under_an_ancestral_scheduler(
+    ancestral: Any,
+) -> None:
+    options = {"output_type": "np", "num_images_per_prompt": 2, **SIZE}
+    batched = ancestral(PROMPTS, generator=generators(4), **options)
+    looped = run(ancestral, LOOP, PROMPTS, generator=generators(4), **options)
+    assert max_diff(looped.images, batched.images) <= TOLERANCE
+
+
+def test_loop_with_one_generator_differs_under_an_ancestral_scheduler(ancestral: Any) -> None:
+    # Documented: the batch draws each step's noise for all prompts at once, the loop per
+    # prompt; only the first prompt's images, whose step noise comes first, agree.
+    options = {"output_type": "np", **SIZE}
+    batched = ancestral(PROMPTS, generator=torch.Generator().manual_seed(2), **options)
+    looped = run(ancestral, LOOP, PROMPTS, generator=torch.Generator().manual_seed(2), **options)
+    assert max_diff(looped.images[1:], batched.images[1:]) > 10 * TOLERANCE
+
+
 def test_loop_without_a_generator_matches_the_batch_under_ddim(sd: Any) -> None:
     torch.manual_seed(3)
     batched = sd(PROMPTS, output_type="np", **SIZE)
