@@ -301,6 +301,31 @@ def test_img2img_loop_gives_a_single_image_to_every_prompt(img2img: Any) -> None
     assert max_diff(looped.images, batched.images) <= TOLERANCE
 
 
+def test_inpaint_loop_splits_per_prompt_images_and_masks() -> None:
+    from PIL import Image
+
+    pipe = tiny_pipeline("sd-inpaint")
+    images = _images(2)
+    masks = [Image.new("L", (32, 32), 0), Image.new("L", (32, 32), 255)]
+    options = {"image": images, "mask_image": masks, "output_type": "np", **SIZE}
+    batched = pipe(PROMPTS, generator=generators(2), **options)
+    spy = Spy(pipe)
+    looped = run(pipe, LOOP, PROMPTS, spy=spy, generator=generators(2), **options)
+    assert [call["mask_image"] for call in spy.calls] == [masks[:1], masks[1:]]
+    assert max_diff(looped.images, batched.images) <= TOLERANCE
+
+
+def test_loop_equals_batch_on_a_transformer_pipeline() -> None:
+    # SD3: no UNet, so no latents are drawn ahead; a generator list still reproduces the batch.
+    pipe = tiny_pipeline("sd3")
+    options = {"negative_prompt": ["blurry", "dark"], "output_type": "np", **SIZE}
+    batched = pipe(PROMPTS, generator=generators(2), **options)
+    spy = Spy(pipe)
+    looped = run(pipe, LOOP, PROMPTS, spy=spy, generator=generators(2), **options)
+    assert len(spy.calls) == 2
+    assert max_diff(looped.images, batched.images) <= TOLERANCE
+
+
 def test_img2img_loop_threads_one_generator_through_the_prompts(img2img: Any) -> None:
     # img2img's starting latents come from the image: no latents are drawn ahead, and the
     # one generator is handed to each prompt in turn (documented to differ from the batch).
