@@ -37,4 +37,3 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if marked and not probe():
             for item in marked:
                 item.add_marker(pytest.mark.skip(reason=why))
-
