@@ -480,3 +480,84 @@ def test_mps_cache_is_emptied_between_prompts_when_memory_is_tight(
 def test_the_latent_draw_is_skipped_for_unknown_families() -> None:
     pipe = SimpleNamespace(unet=None)
     assert _call._initial_latents(pipe, {}, 2, None) is None
+
+
+# ---------------------------------------------------------------------------------------
+# End to end, through prepare_pipeline
+
+
+class UNetCounter:
+    """Count the UNet's forward passes (one per denoising step of a call), optionally failing."""
+
+    def __init__(self, pipe: Any, fail_at: int | None = None) -> None:
+        self.count = 0
+        self.fail_at = fail_at
+        self.handle = pipe.unet.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: Any, args: Any) -> None:
+        self.count += 1
+        if self.fail_at is not None and self.count == self.fail_at + 1:
+            raise RuntimeError("injected UNet failure")
+
+
+@pytest.fixture(scope="module")
+def twins() -> tuple[Any, Any]:
+    """Two identical tiny SD pipelines: one left raw, one prepared to loop and warm up."""
+    raw, prepared = tiny_pipeline("sd"), tiny_pipeline("sd")
+    mps_helpers.prepare_pipeline(prepared, device="cpu", batch_to_loop=True, warmup=True)
+    return raw, prepared
+
+
+def test_prepared_pipeline_warms_up_once_then_loops_and_matches_the_batch(
+    twins: tuple[Any, Any],
+) -> None:
+    raw, prepared = twins
+    assert isinstance(prepared, type(raw))
+    assert type(prepared).__name__ == type(raw).__name__
+    counter = UNetCounter(prepared)
+    try:
+        options = {"negative_prompt": ["blurry", "dark"], "output_type": "np", **SIZE}
+        first = prepared(PROMPTS, generator=generators(2), **options)
+        assert counter.count == 1 + 2 * 2  # the 1-step warmup, then two prompts of two steps
+        counter.count = 0
+        # positional arguments bind to their names: prompt, height, width, steps
+        second = prepared(PROMPTS, 32, 32, 2, generator=generators(2), output_type="np")
+        assert counter.count == 2 * 2  # two prompts of two steps, no warmup
+    finally:
+        counter.handle.remove()
+    batched = raw(PROMPTS, generator=generators(2), **options)
+    assert max_diff(first.images, batched.images) <= TOLERANCE
+    assert second.images.shape == (2, 32, 32, 3)
+
+
+def test_prepared_pipeline_keeps_finished_prompts_when_one_fails(twins: tuple[Any, Any]) -> None:
+    _, prepared = twins
+    mps_helpers.warmup(prepared, prompt="a", height=32, width=32)
+    counter = UNetCounter(prepared, fail_at=2)  # prompt 0: steps 0-1; prompt 1 fails
+    try:
+        with pytest.raises(mps_helpers.BatchError) as info:
+            prepared([*PROMPTS, "a green cone"], output_type="pil", **SIZE)
+    finally:
+        counter.handle.remove()
+    assert info.value.index == 1
+    assert str(info.value.__cause__) == "injected UNet failure"
+    assert len(info.value.completed.images) == 1
+    assert info.value.completed.images[0].size == (32, 32)
+
+
+def test_prepared_pipeline_with_everything_off_takes_the_fast_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    raw, prepared = tiny_pipeline("sd"), tiny_pipeline("sd")
+    off = dict.fromkeys(
+        ("warmup", "batch_to_loop", "nan_guard", "oom_retry", "memory_watch"), False
+    )
+    mps_helpers.prepare_pipeline(prepared, device="cpu", **off)
+
+    def no_binding(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the fast path must not bind arguments")
+
+    monkeypatch.setattr(_call, "bind_call", no_binding)
+    out = prepared(PROMPTS, generator=generators(2), output_type="np", **SIZE)
+    expected = raw(PROMPTS, generator=generators(2), output_type="np", **SIZE)
+    assert np.array_equal(out.images, expected.images)
