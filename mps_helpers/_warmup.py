@@ -207,13 +207,9 @@ def ensure_warm(pipe: Any, plan: Any, call: Callable[..., Any], kwargs: Mapping[
 
 def _unprepared_call(pipe: Any) -> Callable[..., Any]:
     """Return the pipeline's own ``__call__`` bound to it, bypassing the prepared call."""
-    try:
-        from mps_helpers._apply import original_class  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:  # pragma: no cover - only before _apply exists
-        cls = type(pipe)
-    else:
-        cls = original_class(pipe)
-    return functools.partial(cls.__call__, pipe)
+    from mps_helpers._apply import original_class
+
+    return functools.partial(original_class(pipe).__call__, pipe)
 
 
 def warmup(pipe: Any, **call_kwargs: Any) -> None:

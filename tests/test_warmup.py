@@ -297,3 +297,18 @@ def test_a_failed_explicit_warmup_raises_and_the_next_call_still_warms_up(sd: An
     spy = Spy(sd)
     prepared_call(sd, spy.call, ("a",), {"output_type": "latent", **SIZE})
     assert [call["num_inference_steps"] for call in spy.calls] == [1, 2]
+
+
+def test_re_preparing_for_the_same_device_and_dtype_does_not_warm_up_again() -> None:
+    pipe = tiny_pipeline("sd")
+    steps: list[int] = []
+    handle = pipe.unet.register_forward_pre_hook(lambda module, args: steps.append(1))
+    try:
+        mps_helpers.prepare_pipeline(pipe, device="cpu", warmup=True, batch_to_loop=False)
+        pipe("a", output_type="latent", **SIZE)
+        assert len(steps) == 1 + 2  # warmup, then the call
+        mps_helpers.prepare_pipeline(pipe, device="cpu", warmup=True, batch_to_loop=True)
+        pipe("a", output_type="latent", **SIZE)
+        assert len(steps) == 1 + 2 + 2
+    finally:
+        handle.remove()
