@@ -14,6 +14,7 @@ __all__ = [
     "MemoryPressureWarning",
     "NonFiniteOutputError",
     "NonFiniteOutputWarning",
+    "OutOfMemoryRetryWarning",
     "WarmupError",
 ]
 
@@ -63,3 +64,7 @@ class NonFiniteOutputError(RuntimeError):
 
 class MemoryPressureWarning(RuntimeWarning):
     """Swap grew during a call: the machine was short of memory and slowed down."""
+
+
+class OutOfMemoryRetryWarning(RuntimeWarning):
+    """The device ran out of memory; a retry with a stricter memory plan worked (and stays)."""
