@@ -190,7 +190,10 @@ def stricter_plan(plan: Plan) -> Plan | None:
         if name == "attention_slicing" and not _can_slice_attention(plan):
             continue
         changes[name] = True
-    return plan.replace(**changes) if changes else None
+    if not changes:
+        return None
+    why = "on after an out-of-memory error: the retry's stricter plan (mps_helpers guards)."
+    return plan.replace(**changes, reasons=dict.fromkeys(changes, why))
 
 
 def _can_slice_attention(plan: Plan) -> bool:

@@ -60,6 +60,7 @@ class FakePlan:
     batch_to_loop: bool = False
 
     def replace(self, **changes: Any) -> FakePlan:
+        changes.pop("reasons", None)
         return dataclasses.replace(self, **changes)
 
 
@@ -696,3 +697,134 @@ def test_the_guards_leave_the_environment_alone(applied: list[tuple[Any, Any]]) 
             FakePipeline(), FakePlan(), Attempts(RuntimeError(MPS_OOM), RuntimeError(MPS_OOM)), {}
         )
     assert dict(os.environ) == before
+
+
+# ---------------------------------------------------------------------------------------
+# End to end: real plans, prepared tiny pipelines
+# ---------------------------------------------------------------------------------------
+
+
+def _tiny(kind: str = "sd", *, overflowing: bool = False) -> Any:
+    from mps_helpers.testing import tiny_pipeline
+
+    pipe = tiny_pipeline(kind)
+    if overflowing:
+        # A half-precision VAE (no force_upcast) whose decoder overflows in float16 only.
+        pipe.vae.register_to_config(force_upcast=False)
+        with torch.no_grad():
+            pipe.vae.decoder.conv_in.weight.mul_(1e5)
+            pipe.vae.decoder.conv_in.bias.mul_(1e5)
+    return pipe
+
+
+def _prepared(pipe: Any, **options: Any) -> Any:
+    from mps_helpers import prepare_pipeline
+
+    return prepare_pipeline(pipe, device="cpu", warmup=False, **options)
+
+
+SMALL = {"num_inference_steps": 2, "height": 16, "width": 16, "output_type": "np"}
+
+
+def test_stricter_plan_of_real_plans() -> None:
+    from mps_helpers import plan_for
+
+    plan = plan_for(_tiny("sd"), device="cpu", dtype="float16")
+    stricter = _guards.stricter_plan(plan)
+    assert stricter is not None
+    assert (stricter.attention_slicing, stricter.vae_slicing, stricter.vae_tiling) == (
+        True,
+        True,
+        True,
+    )
+    assert stricter.batch_to_loop
+    assert stricter.attention_chunk_elements is not None  # the safe processor gets a bound
+    assert "out-of-memory" in stricter.reasons["vae_slicing"]
+    assert (stricter.device, stricter.dtype) == (plan.device, plan.dtype)
+    # SD3's transformer cannot slice attention: the stricter plan leaves it off.
+    sd3 = _guards.stricter_plan(plan_for(_tiny("sd3"), device="cpu", dtype="float16"))
+    assert sd3 is not None
+    assert not sd3.attention_slicing
+    assert sd3.vae_slicing
+
+
+def test_prepared_call_repairs_an_overflowing_vae() -> None:
+    from mps_helpers import plan_of
+
+    pipe = _prepared(_tiny(overflowing=True), dtype="float16")
+    plan = plan_of(pipe)
+    assert plan is not None
+    assert plan.nan_guard  # "auto": on in float16
+    assert plan.vae_dtype == torch.float16
+    kwargs = {"prompt": ["a cat", "a dog"], **SMALL}
+    with pytest.warns(NonFiniteOutputWarning) as record:
+        images, nsfw = pipe(**kwargs, return_dict=False)
+    assert len(record) == 1
+    assert record[0].filename == __file__
+    assert images.shape == (2, 16, 16, 3)
+    assert np.isfinite(images).all()
+    assert nsfw is None
+    assert pipe.vae.dtype == torch.float16
+    # nan_guard=False: the NaN comes back untouched.
+    pipe = _prepared(pipe, dtype="float16", nan_guard=False)
+    assert np.isnan(pipe(**kwargs).images).all()
+
+
+def _fail_first_unet_calls(pipe: Any, failures: int) -> list[int]:
+    """Make the UNet raise mps' out-of-memory error on its first ``failures`` calls."""
+    calls: list[int] = []
+
+    def hook(module: Any, args: Any) -> None:
+        calls.append(1)
+        if len(calls) <= failures:
+            raise RuntimeError(MPS_OOM)
+
+    pipe.unet.register_forward_pre_hook(hook)
+    return calls
+
+
+def test_prepared_call_retries_out_of_memory_with_the_stricter_plan() -> None:
+    from mps_helpers import plan_of
+
+    kwargs = {"prompt": ["a cat", "a dog"], **SMALL}
+
+    def generators() -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
+
+    reference = _prepared(_tiny(), oom_retry=True)(**kwargs, generator=generators()).images
+    pipe = _prepared(_tiny(), oom_retry=True)
+    plan = plan_of(pipe)
+    _fail_first_unet_calls(pipe, 1)
+    environ = dict(os.environ)
+    with pytest.warns(OutOfMemoryRetryWarning) as record:
+        images = pipe(**kwargs, generator=generators()).images
+    assert record[0].filename == __file__
+    assert dict(os.environ) == environ
+    np.testing.assert_allclose(images, reference, atol=1e-4)
+    kept = plan_of(pipe)
+    assert kept == _guards.stricter_plan(plan)
+    assert kept is not None
+    assert kept.batch_to_loop
+    assert pipe.vae.use_slicing
+    assert pipe.vae.use_tiling
+
+
+def test_prepared_call_gives_up_after_one_retry() -> None:
+    pipe = _prepared(_tiny(), oom_retry=True)
+    calls = _fail_first_unet_calls(pipe, 10**6)
+    environ = dict(os.environ)
+    with pytest.raises(DeviceOutOfMemoryError, match="retried once") as info:
+        pipe(prompt="a cat", **SMALL)
+    cause = info.value.__cause__
+    assert cause is not None
+    assert _guards.is_out_of_memory(cause)
+    assert len(calls) == 2
+    assert dict(os.environ) == environ
+
+
+def test_prepared_call_warns_on_swap_growth(readings: list[MemoryInfo]) -> None:
+    pipe = _prepared(_tiny(), memory_watch=True)
+    readings += [swap(100), swap(1000)]
+    with pytest.warns(MemoryPressureWarning, match="Swap grew by 900 MiB") as record:
+        pipe(prompt="a cat", **SMALL)
+    assert record[0].filename == __file__
