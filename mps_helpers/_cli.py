@@ -1,23 +1,68 @@
 """The command line: ``mps-helpers`` / ``python -m mps_helpers``.
 
-Only this module prints; every other layer logs or warns.
+Commands: ``doctor`` (is this machine ready?), ``run`` (an existing script, unchanged, with
+every pipeline it loads prepared) and ``demo`` (build, prepare, generate, save).
+
+Only this module prints; every other layer logs or warns. It imports neither torch nor
+diffusers at module level: ``run`` must set ``PYTORCH_ENABLE_MPS_FALLBACK`` before torch is
+first imported, because torch reads it only then.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
+import runpy
 import sys
-from typing import TYPE_CHECKING
+import traceback
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from mps_helpers._version import __version__
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 _MARKS = {"ok": "ok", "info": "info", "warning": "WARN", "error": "ERROR"}
+
+FALLBACK_VARIABLE: Final = "PYTORCH_ENABLE_MPS_FALLBACK"
+
+# Options of prepare_pipeline offered on the command line: (flag, keyword, choices, help).
+# Choices None: a free value that prepare_pipeline validates. on/off map to True/False.
+_SWITCH = ("auto", "on", "off")
+_PLAN_OPTIONS: Final[tuple[tuple[str, str, tuple[str, ...] | None, str], ...]] = (
+    ("--device", "device", None, "auto (default), mps, cuda or cpu"),
+    ("--dtype", "dtype", None, "auto (default), float16, bfloat16 or float32"),
+    ("--attention-slicing", "attention_slicing", _SWITCH, "memory-bounded attention"),
+    (
+        "--attention-processor",
+        "attention_processor",
+        ("safe", "diffusers"),
+        "whose sliced attention: safe (ours, default) or diffusers",
+    ),
+    ("--vae-slicing", "vae_slicing", _SWITCH, "decode a batch one image at a time"),
+    ("--vae-tiling", "vae_tiling", _SWITCH, "decode large images in tiles"),
+    ("--warmup", "warmup", _SWITCH, "one-step warmup pass before the first call"),
+    ("--batch-to-loop", "batch_to_loop", _SWITCH, "run a batch of prompts as a loop"),
+    ("--nan-guard", "nan_guard", _SWITCH, "re-decode black (NaN) images in float32"),
+    ("--oom-retry", "oom_retry", _SWITCH, "retry once with a stricter plan on out-of-memory"),
+    ("--memory-watch", "memory_watch", _SWITCH, "warn when the machine starts swapping"),
+)
+# Denoising steps of the tiny demo pipeline: enough to look like a real run, ~1-4 s on a CPU.
+TINY_STEPS: Final = 20
+# run's own options that take a value (its flags, -h and -v, take none; -m ends the options).
+_RUN_VALUED: Final = frozenset(flag for flag, _keyword, _choices, _help in _PLAN_OPTIONS)
+
+
+class _UsageError(Exception):
+    """A usage error found after parsing: reported through the sub-command's parser."""
+
+
+# ---------------------------------------------------------------------------------------
+# doctor
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
@@ -50,8 +95,210 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Return the argument parser of the ``mps-helpers`` command."""
+# ---------------------------------------------------------------------------------------
+# run
+
+
+def _split_run(tokens: Sequence[str]) -> tuple[list[str], list[str], str | None]:
+    """Split ``run``'s arguments into (its options, [target, *target's args], -m or None).
+
+    The first argument that is not an option (or follows ``--``) is the script; ``-m MODULE``
+    names a module. Everything after belongs to the script, even if it looks like an option
+    of ``run``.
+    """
+    options: list[str] = []
+    index = 0
+    while index < len(tokens):
+        token = tokens[index]
+        if token == "--":
+            return options, list(tokens[index + 1 :]), None
+        if token == "-m":
+            return options, list(tokens[index + 1 :]), "-m"
+        if token.startswith("-m") and not token.startswith("--"):
+            return options, [token[2:], *tokens[index + 1 :]], "-m"
+        if token == "-" or not token.startswith("-"):
+            return options, list(tokens[index:]), None
+        options.append(token)
+        # Only run's own valued options take the next token: an unknown option is reported
+        # by argparse, and must not swallow the script's name.
+        if token in _RUN_VALUED and index + 1 < len(tokens):
+            options.append(tokens[index + 1])
+            index += 1
+        index += 1
+    return options, [], None
+
+
+def _plan_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Return the prepare_pipeline options given on the command line (the others stay auto)."""
+    given: dict[str, Any] = {}
+    for _flag, keyword, _choices, _help in _PLAN_OPTIONS:
+        value = getattr(args, keyword)
+        if value is not None:
+            given[keyword] = {"on": True, "off": False}.get(value, value)
+    return given
+
+
+def _set_fallback_variable() -> None:
+    # torch reads the variable once, when it is imported: set it before anything imports torch.
+    # An explicit value of the user's (even "0") is kept. The watermark variables are never set:
+    # a wrong one can freeze the machine (EVIDENCE.md).
+    os.environ.setdefault(FALLBACK_VARIABLE, "1")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    _set_fallback_variable()
+    if args.verbose:
+        _log_to_stderr()
+    if args.module is None and not os.path.exists(args.script):
+        raise _UsageError(f"can't open file {args.script!r}: no such file or directory")
+
+    from mps_helpers._auto import auto_prepare
+
+    try:
+        scope = auto_prepare(**_plan_options(args))
+        scope.__enter__()
+    except (TypeError, ValueError) as error:
+        raise _UsageError(str(error)) from None
+    saved_argv, saved_path0 = sys.argv[:], sys.path[0] if sys.path else None
+    try:
+        return _run_target(args.module, args.script, args.args)
+    finally:
+        scope.__exit__(None, None, None)
+        sys.argv[:] = saved_argv
+        if saved_path0 is not None:
+            sys.path[0] = saved_path0
+
+
+def _run_target(module: str | None, script: str | None, script_args: list[str]) -> int:
+    """Run the target as ``__main__`` the way ``python`` would; return its exit status."""
+    # sys.path[0] is what `python SCRIPT` / `python -m MODULE` would have put there.
+    if module is not None:
+        sys.argv[:] = [module, *script_args]
+        sys.path[0] = os.getcwd()
+    else:
+        assert script is not None
+        sys.argv[:] = [script, *script_args]
+        sys.path[0] = os.path.dirname(os.path.abspath(script))
+    try:
+        if module is not None:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        else:
+            runpy.run_path(script, run_name="__main__")  # type: ignore[arg-type]
+    except SystemExit as exit_:
+        return _exit_status(exit_.code)
+    except Exception as error:  # the script's own error: report it as Python would
+        sys.stdout.flush()
+        _print_script_traceback(error)
+        return 1
+    finally:
+        sys.stdout.flush()
+    return 0
+
+
+def _exit_status(code: object) -> int:
+    """Return the process exit status ``sys.exit(code)`` gives, printing as Python does."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
+def _print_script_traceback(error: BaseException) -> None:
+    # Drop the frames of this module and runpy at the head: the traceback starts in the script.
+    ours = {os.path.abspath(__file__), os.path.abspath(runpy.__file__ or ""), "<frozen runpy>"}
+    tb = error.__traceback__
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_filename
+        if name not in ours and os.path.abspath(name) not in ours:
+            break
+        tb = tb.tb_next
+    traceback.print_exception(type(error), error, tb)
+
+
+def _log_to_stderr() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("mps-helpers: %(message)s"))
+    logger = logging.getLogger("mps_helpers")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+# ---------------------------------------------------------------------------------------
+# demo
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from mps_helpers._plan import validate_options
+
+    options = _plan_options(args)
+    try:
+        validate_options(**options)  # usage errors before any output or work
+    except ValueError as error:
+        raise _UsageError(str(error)) from None
+
+    from mps_helpers._apply import plan_of
+    from mps_helpers._demo import demo_pipeline, generate_image
+    from mps_helpers._environment import detect_environment
+    from mps_helpers._errors import DeviceUnavailableError
+
+    print(detect_environment().summary())
+    print(flush=True)
+    tiny = args.model is None
+    try:
+        pipe = demo_pipeline(args.model, options)
+    except (ImportError, OSError, DeviceUnavailableError) as error:
+        # A missing extra, a model that cannot be found or downloaded, a device not here.
+        print(f"mps-helpers demo: {error}", file=sys.stderr)
+        return 1
+    what = "a tiny pipeline with random weights" if tiny else args.model
+    print(f"Pipeline: {type(pipe).__name__}, {what}")
+    print(plan_of(pipe))
+    print()
+    steps = args.steps if args.steps is not None or not tiny else TINY_STEPS
+    how = f"{steps} steps" if steps is not None else "the model's default number of steps"
+    print(f"Generating one image for {args.prompt!r} ({how}) ...", flush=True)
+    result = generate_image(
+        pipe, prompt=args.prompt, steps=steps, seed=args.seed, output=args.output
+    )
+    print(
+        f"Saved a {result.width}x{result.height} image to {result.path} "
+        f"({result.steps} steps in {result.seconds:.2f} s)."
+    )
+    if tiny:
+        print(
+            "Random weights: expect noise. For a real image pass a model, e.g. "
+            "--model stable-diffusion-v1-5/stable-diffusion-v1-5 (downloads ~2 GB)."
+        )
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------
+# parser
+
+
+def _add_plan_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "plan options", "force a decision of the plan (default: decided for this machine)"
+    )
+    for flag, keyword, choices, help_ in _PLAN_OPTIONS:
+        group.add_argument(flag, dest=keyword, choices=choices, default=None, help=help_)
+
+
+def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    from mps_helpers._demo import DEFAULT_OUTPUT, DEFAULT_PROMPT
+
     parser = argparse.ArgumentParser(
         prog="mps-helpers",
         description="Run Hugging Face diffusers pipelines well on Apple Silicon, CUDA and CPU.",
@@ -67,12 +314,89 @@ def build_parser() -> argparse.ArgumentParser:
     )
     doctor.add_argument("--json", action="store_true", help="print machine-readable JSON")
     doctor.set_defaults(handler=_cmd_doctor)
-    return parser
+
+    run = sub.add_parser(
+        "run",
+        help="run a Python script unchanged, with every pipeline it loads prepared",
+        usage="%(prog)s [OPTIONS] (SCRIPT | -m MODULE) [ARGS ...]",
+        description="Run SCRIPT (or -m MODULE) as __main__ with ARGS as its sys.argv, with "
+        "auto_prepare active for the whole run: every pipeline it creates through "
+        "from_pretrained, from_single_file or from_pipe comes out prepared. Sets "
+        f"{FALLBACK_VARIABLE}=1 before torch is imported unless already set. Exits with the "
+        "script's exit status. Options go before SCRIPT; everything after it is the script's.",
+    )
+    run.add_argument("-m", dest="module", metavar="MODULE", help="run a module, as python -m")
+    run.add_argument("-v", "--verbose", action="store_true", help="log the library's decisions")
+    run.add_argument("script", nargs="?", metavar="SCRIPT", help="the script to run")
+    run.add_argument("args", nargs="*", metavar="ARGS", help="the script's own arguments")
+    _add_plan_options(run)
+    run.set_defaults(handler=_cmd_run)
+
+    demo = sub.add_parser(
+        "demo",
+        help="build, prepare and run a pipeline, then save the image (works offline)",
+        description="Build a pipeline (by default a tiny one with random weights, built "
+        "offline; --model loads a real one), prepare it, print the environment and the plan "
+        "with its reasons, generate one image and save it as PNG.",
+    )
+    demo.add_argument(
+        "--output", "-o", default=DEFAULT_OUTPUT, metavar="PATH", help="%(default)s by default"
+    )
+    demo.add_argument(
+        "--model", metavar="PATH_OR_ID", help="a diffusers model (Hub id or local directory)"
+    )
+    demo.add_argument("--prompt", default=DEFAULT_PROMPT, help="%(default)r by default")
+    demo.add_argument(
+        "--steps",
+        type=_positive_int,
+        metavar="N",
+        help=f"denoising steps (default: {TINY_STEPS} for the tiny pipeline, the model's own "
+        "otherwise)",
+    )
+    demo.add_argument("--seed", type=int, default=0, help="noise seed (default %(default)s)")
+    _add_plan_options(demo)
+    demo.set_defaults(handler=_cmd_demo)
+    return parser, {"doctor": doctor, "run": run, "demo": demo}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of the ``mps-helpers`` command."""
+    return _build()[0]
+
+
+def _parse(argv: list[str]) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
+    parser, commands = _build()
+    if not argv or argv[0] != "run":
+        args = parser.parse_args(argv)
+        return args, commands.get(args.command, parser)
+    run = commands["run"]
+    options, target, module_flag = _split_run(argv[1:])
+    args, unknown = parser.parse_known_args(["run", *options])
+    if unknown:
+        run.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if module_flag is not None:
+        if not target or not target[0]:
+            run.error("argument -m: expected one argument")
+        args.module, args.script, args.args = target[0], None, target[1:]
+    elif target:
+        args.module, args.script, args.args = None, target[0], target[1:]
+    else:
+        run.error("the following arguments are required: SCRIPT (or -m MODULE)")
+    return args, run
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line and return its exit status (2 for usage errors)."""
-    parser = build_parser()
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    status: int = args.handler(args)
+    """Run the command line and return its exit status (2 for usage errors).
+
+    ``run`` returns the script's own exit status.
+    """
+    args, command = _parse(list(sys.argv[1:] if argv is None else argv))
+    try:
+        status: int = args.handler(args)
+    except _UsageError as error:
+        _usage_error(command, str(error))
     return status
+
+
+def _usage_error(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    parser.error(message)
