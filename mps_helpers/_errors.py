@@ -11,6 +11,7 @@ __all__ = [
     "BatchError",
     "DeviceOutOfMemoryError",
     "DeviceUnavailableError",
+    "DistributedGenerationError",
     "MemoryPressureWarning",
     "NonFiniteOutputError",
     "NonFiniteOutputWarning",
@@ -44,6 +45,37 @@ class BatchError(Exception):
         super().__init__(message)
         self.index = index
         self.completed = completed
+
+
+class DistributedGenerationError(BatchError):
+    """Some processes of a distributed :func:`mps_helpers.generate` failed; the rest is kept.
+
+    A :class:`BatchError`, so one ``except BatchError`` handles a looped batch and a
+    distributed one alike.
+
+    Attributes:
+        index: the first prompt that was not generated.
+        failed: every prompt index that was not generated, in order.
+        completed: the merged result of the prompts that finished, in prompt order, of the
+            same type a normal call returns (None when none finished).
+        completed_indices: the prompt index of each prompt in ``completed``, in order.
+        errors: the traceback text of each failed process, by process index.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        index: int,
+        completed: Any,
+        failed: tuple[int, ...],
+        completed_indices: tuple[int, ...],
+        errors: dict[int, str],
+    ) -> None:
+        super().__init__(message, index=index, completed=completed)
+        self.failed = failed
+        self.completed_indices = completed_indices
+        self.errors = errors
 
 
 class WarmupError(RuntimeError):
