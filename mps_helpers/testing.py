@@ -1,8 +1,8 @@
 """Tiny diffusers pipelines with random weights, built offline, for tests.
 
 ``tiny_pipeline("sd")`` returns a real :class:`~diffusers.StableDiffusionPipeline` whose
-components are a few hundred kilobytes of random weights, so that a two-step call at its
-default size (64 px) takes a fraction of a second on a CPU. Downstream projects use these to
+components hold about two million random weights (8 MB), so that a two-step call at its
+default size (64 px) takes about a tenth of a second on a CPU. Downstream projects use these to
 exercise their own mps / CUDA / CPU code paths in CI with no downloads::
 
     from mps_helpers.testing import tiny_pipeline
@@ -10,10 +10,14 @@ exercise their own mps / CUDA / CPU code paths in CI with no downloads::
     pipe = tiny_pipeline("sdxl", seed=0)
     image = pipe("a photo of an astronaut", num_inference_steps=2, output_type="np").images
 
-The tokenizers are byte-level CLIP tokenizers built from a vocabulary written on the spot
-(every byte, as a word piece and as a word end, plus the two CLIP special tokens, no merges),
-so arbitrary text tokenizes, one token per byte, truncated to 77 tokens as CLIP's is. The
-text encoders' ``vocab_size`` matches that vocabulary.
+Pipelines come on the CPU in float32; move them as any pipeline (``pipe.to("mps")``). The
+CLIP tokenizers are byte-level ones built from a vocabulary written on the spot (every byte,
+as a word piece and as a word end, plus the two CLIP special tokens, no merges), so any text
+tokenizes, one token per byte, truncated to 77 tokens as CLIP's is; SD3's T5 tokenizer knows
+the printable ASCII characters and maps the rest to ``<unk>``. Every text encoder's
+``vocab_size`` matches its tokenizer. Nothing is downloaded, and a saved pipeline loads with
+``local_files_only=True``. Tested with transformers 5.24 + diffusers 0.42 and with
+transformers 4.57 + diffusers 0.35.
 
 This module needs the ``testing`` extra (``pip install "mps_helpers[testing]"``, which brings
 transformers); importing it without transformers raises ImportError saying so.
@@ -71,8 +75,10 @@ def tiny_pipeline(kind: str = "sd", *, seed: int = 0) -> Any:
         seed: the same seed gives the same weights, whatever the caller's random state; the
             caller's global torch random state is left as it was.
 
-    The pipeline is on the CPU in float32, with its progress bar disabled; SD-family
-    pipelines have no safety checker. Every kind's default output size is 64x64 px.
+    The pipeline is on the CPU in float32, in eval mode, with its progress bar disabled;
+    SD-family pipelines have no safety checker. Every kind's default output size is 64x64 px.
+    The return type is Any for type checkers (diffusers' lazy module hides its classes from
+    them); at run time it is the diffusers pipeline class named above.
 
     Raises:
         ValueError: ``kind`` is not one of :data:`KINDS`.
@@ -288,7 +294,6 @@ def _sd_components(*, in_channels: int = 4) -> dict[str, Any]:
         "scheduler": scheduler,
         "safety_checker": None,
         "feature_extractor": None,
-        "image_encoder": None,
         "requires_safety_checker": False,
     }
 
@@ -334,15 +339,7 @@ def _build_sdxl() -> Any:
         # the two encoders' hidden states are concatenated: 32 + 32
         cross_attention_dim=64,
     )
-    vae = diffusers.AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        sample_size=64,
-    )
+    vae = _sd_vae()
     tokenizer = _tokenizer()
     tokenizer_2 = _tokenizer()
     text_encoder = transformers.CLIPTextModel(_text_config(tokenizer))
@@ -356,8 +353,6 @@ def _build_sdxl() -> Any:
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2,
         scheduler=scheduler,
-        image_encoder=None,
-        feature_extractor=None,
     )
 
 
@@ -444,11 +439,12 @@ _BUILDERS = {
 
 
 def _sd15_configs() -> dict[str, dict[str, Any]]:
-    """Return fresh config dicts of Stable Diffusion 1.5's unet, vae and text_encoder.
+    """Return fresh keyword-argument dicts for SD 1.5's unet, vae, text encoder and scheduler.
 
     Keys: ``"unet"`` (UNet2DConditionModel), ``"vae"`` (AutoencoderKL), ``"text_encoder"``
-    (CLIPTextConfig keyword arguments of CLIP ViT-L/14's text tower), ``"scheduler"``
-    (DDIMScheduler). Parameter counts: UNet 859.5M, VAE 83.7M, text encoder 123.1M.
+    (CLIPTextConfig of CLIP ViT-L/14's text tower), ``"scheduler"`` (DDIMScheduler).
+    Parameter counts (checked on the meta device in the tests): UNet 859,520,964, VAE
+    83,653,863, text encoder 123,060,480. Each call returns new dicts, free to change.
     """
     return {
         "unet": {
@@ -501,12 +497,18 @@ def _sd15_configs() -> dict[str, dict[str, Any]]:
 def sd15_pipeline(seed: int = 0, *, vocab_size: int | None = None) -> Any:
     """Return a StableDiffusionPipeline of SD 1.5's architecture with random weights.
 
-    The UNet (859.5M parameters), VAE (83.7M) and CLIP-L text encoder have SD 1.5's shapes;
-    the tokenizer is this module's byte-level one (514 tokens), so by default the text
-    encoder's vocabulary is cut to match it (85.2M parameters instead of 123.1M). Pass
-    ``vocab_size=49408`` for the real embedding table (and parameter count); token ids stay
-    below 514 either way. DDIM scheduler, no safety checker, float32 on the CPU: about 4 GB
-    of memory and tens of seconds to initialise.
+    The UNet (859.5M parameters), VAE (83.7M) and CLIP ViT-L/14 text encoder have SD 1.5's
+    shapes (see :func:`_sd15_configs`). The tokenizer is this module's byte-level one (514
+    tokens, one per byte, so a prompt uses more of the 77 positions than with CLIP's real
+    BPE), and by default the text encoder's vocabulary is cut to match it: 85.5M parameters
+    instead of 123.1M. Pass ``vocab_size=49408`` for the real embedding table and parameter
+    count; token ids stay below 514 either way. DDIM scheduler, no safety checker, float32
+    on the CPU, eval mode: about 4.3 GB of memory and some seconds to initialise (18 s on
+    a loaded 2-core machine). Same seed, same weights; the caller's random state is kept.
+
+    Raises:
+        ValueError: ``vocab_size`` is smaller than the tokenizer's vocabulary (checked
+            before anything is built).
     """
     import torch
 
@@ -534,7 +536,6 @@ def sd15_pipeline(seed: int = 0, *, vocab_size: int | None = None) -> Any:
         scheduler=diffusers.DDIMScheduler(**configs["scheduler"]),
         safety_checker=None,
         feature_extractor=None,
-        image_encoder=None,
         requires_safety_checker=False,
     )
     _finish(pipe)
