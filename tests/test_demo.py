@@ -1,0 +1,116 @@
+"""``mps-helpers demo``: offline by default, prints the environment and the plan, saves a PNG."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import TYPE_CHECKING
+
+import pytest
+
+from mps_helpers import _cli
+from mps_helpers._plan import DECISIONS
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+testing = pytest.importorskip("mps_helpers.testing")
+Image = pytest.importorskip("PIL.Image")
+np = pytest.importorskip("numpy")
+
+
+def pixels(path: Path) -> object:
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return np.asarray(image.convert("RGB"))
+
+
+def test_demo_generates_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    output = tmp_path / "out" / "demo.png"
+    output.parent.mkdir()
+    assert _cli.main(["demo", "--output", str(output), "--steps", "2", "--prompt", "a fox"]) == 0
+    out = capsys.readouterr().out
+    assert pixels(output).shape == (64, 64, 3)  # type: ignore[attr-defined]
+    # The environment summary, then the plan with a reason for every decision ...
+    assert out.index("torch:") < out.index("Plan: ") < out.index("Generating")
+    for name in DECISIONS:
+        assert f"\n  {name} " in out
+    # ... then what was generated, where it went and how long it took.
+    assert "Generating one image for 'a fox' (2 steps)" in out
+    assert f"Saved a 64x64 image to {output} (2 steps in " in out
+    assert "random weights" in out
+    assert "expect noise" in out.lower()
+
+
+def test_default_output_is_in_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert _cli.main(["demo", "--steps", "1"]) == 0
+    assert (tmp_path / "mps_helpers_demo.png").is_file()
+    assert str(tmp_path / "mps_helpers_demo.png") in capsys.readouterr().out
+
+
+def test_same_seed_same_image_and_options_reach_the_plan(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = testing.save_tiny_pipeline(tmp_path / "tiny")
+    first, second = tmp_path / "a.png", tmp_path / "b.png"
+    common = ["--steps", "2", "--seed", "3", "--attention-slicing", "on"]
+    assert _cli.main(["demo", "--model", str(model), "-o", str(first), *common]) == 0
+    out = capsys.readouterr().out
+    assert f"Pipeline: StableDiffusionPipeline, {model}" in out
+    assert "random weights" not in out
+    decided = dict(line.split()[:2] for line in out.splitlines() if line.startswith("  "))
+    assert decided["attention_slicing"] == "True"
+    assert _cli.main(["demo", "-o", str(second), *common]) == 0
+    assert (pixels(first) == pixels(second)).all()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["demo", "--steps", "0"], "expected a positive integer, got '0'"),
+        (["demo", "--vae-slicing", "yes"], "invalid choice: 'yes'"),
+        (["demo", "--device", "gpu"], "device must be one of"),
+        (["demo", "--dtype", "int8"], "dtype must be"),
+    ],
+)
+def test_usage_errors_exit_2_before_any_work(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        _cli.main(argv)
+    assert exit_.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("usage: mps-helpers demo")
+    assert message in captured.err
+
+
+def test_a_device_this_machine_lacks_is_an_error_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    if torch.backends.mps.is_available():
+        pytest.skip("mps is available here")
+    assert _cli.main(["demo", "--device", "mps", "-o", str(tmp_path / "x.png")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mps-helpers demo: device='mps' was asked for but cannot be used")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_the_readmes_first_command_in_a_fresh_process(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "mps_helpers", "demo", "--steps", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "mps_helpers_demo.png").is_file()
+    assert "Plan: " in done.stdout
+    assert "Traceback" not in done.stderr
