@@ -239,7 +239,9 @@ def _warn_once(pipe: Any, cause: str, message: str, category: type[Warning]) -> 
     except TypeError:  # not weak-referenceable or unhashable: warn every time
         causes = set()
     if cause in causes:
-        logger.warning("%s", message)
+        # INFO, not WARNING: with no logging set up, Python prints WARNING records to stderr,
+        # which would repeat on every call the warning that was meant to come once.
+        logger.info("%s", message)
         return
     causes.add(cause)
     _warn(message, category)
@@ -354,9 +356,17 @@ class _DecodeGuard:
 
     @contextmanager
     def installed(self) -> Iterator[None]:
-        """Put the wrapper on the VAE instance for the block, and take it off after."""
-        had_own = "decode" in vars(self.vae)
-        own = vars(self.vae).get("decode")
+        """Put the wrapper on the VAE instance for the block, and take it off after.
+
+        A VAE that takes no instance attributes (``__slots__``) runs unwrapped: the caller
+        then sees no decodes and checks the call's output instead.
+        """
+        state = getattr(self.vae, "__dict__", None)
+        if state is None:
+            yield
+            return
+        had_own = "decode" in state
+        own = state.get("decode")
         # nn.Module.__setattr__ stores a plain callable in the instance dict, which
         # shadows the class's method for ``self.vae.decode(...)`` inside the pipeline.
         self.vae.decode = self
@@ -582,7 +592,7 @@ def _run_with_retry(
     if stricter is None:
         raise DeviceOutOfMemoryError(_oom_message(name, first, None, kwargs)) from first
     changes = _plan_changes(plan, stricter)
-    logger.warning("%s ran out of memory; retrying with %s", name, ", ".join(changes))
+    logger.info("%s ran out of memory; retrying with %s", name, ", ".join(changes))
     _apply_plan(pipe, stricter)
     _set_generator_states(states)  # the retry draws the same noise the first try did
     try:

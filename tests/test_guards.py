@@ -286,6 +286,32 @@ def test_raises_when_the_vae_already_is_float32(
         guarded(FakePipeline(vae), latents.float())
 
 
+def test_a_quantized_vae_is_not_upcast(overflowing_vae: Any, latents: torch.Tensor) -> None:
+    overflowing_vae.is_quantized = True  # diffusers' ModelMixin refuses to cast these
+    with pytest.raises(NonFiniteOutputError, match="quantized"):
+        guarded(FakePipeline(overflowing_vae), latents)
+    assert overflowing_vae.dtype == torch.float16
+
+
+class SlottedVae:
+    """A decoder that takes no instance attributes: the wrapper cannot go on it."""
+
+    __slots__ = ()
+
+    def decode(self, z: torch.Tensor, return_dict: bool = False) -> tuple[torch.Tensor]:
+        return (z * float("nan"),)
+
+
+def test_an_unwrappable_vae_gets_the_output_check(latents: torch.Tensor) -> None:
+    pipe = FakePipeline(SlottedVae())
+
+    def call(**kw: Any) -> Any:
+        return (pipe.vae.decode(kw["latents"])[0], None)
+
+    with pytest.raises(NonFiniteOutputError, match="returned NaN/inf values"):
+        _guards.call_with_nan_guard(pipe, FakePlan(), call, {"latents": latents})
+
+
 def test_nan_guard_off_returns_nan_untouched(overflowing_vae: Any, latents: torch.Tensor) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
