@@ -282,7 +282,8 @@ def _generate_share(
         warnings.warn(
             f"no generator list or seeds: the {processes} processes draw their noise from "
             "their own random generators, so the images change with the number of processes "
-            "(and may repeat between processes). Pass seeds= or one generator per image.",
+            "(and repeat between processes where the script seeds torch's global generator). "
+            "Pass seeds= or one generator per image.",
             UserWarning,
             stacklevel=3,
         )
