@@ -30,7 +30,7 @@ import sys
 import traceback
 import warnings
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any
 
 from mps_helpers import _probes
@@ -410,7 +410,9 @@ class _DecodeGuard:
             self.failure = "float32"
             return out
         self.repaired += 1
-        _OVERFLOWING_VAES.add(self.vae)
+        # A VAE that is not weak-referenceable is simply decoded twice next time too.
+        with suppress(TypeError):
+            _OVERFLOWING_VAES.add(self.vae)
         logger.info("VAE decode was non-finite in %s; repaired with a float32 decode", dtype)
         # The pipeline expects what the half-precision decode returns: same type and dtype.
         return _with_sample(out, fixed_sample.to(sample.dtype))
