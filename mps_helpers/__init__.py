@@ -25,6 +25,7 @@ if TYPE_CHECKING:
         MemoryPressureWarning,
         NonFiniteOutputError,
         NonFiniteOutputWarning,
+        OutOfMemoryRetryWarning,
         WarmupError,
     )
     from mps_helpers._plan import Plan, plan_for
@@ -51,6 +52,7 @@ _EXPORTS: dict[str, str] = {
     "MemoryPressureWarning": "mps_helpers._errors",
     "NonFiniteOutputError": "mps_helpers._errors",
     "NonFiniteOutputWarning": "mps_helpers._errors",
+    "OutOfMemoryRetryWarning": "mps_helpers._errors",
     "WarmupError": "mps_helpers._errors",
 }
 
@@ -63,6 +65,7 @@ __all__ = [
     "MemoryPressureWarning",
     "NonFiniteOutputError",
     "NonFiniteOutputWarning",
+    "OutOfMemoryRetryWarning",
     "Plan",
     "SafeSlicedAttnProcessor",
     "WarmupError",
