@@ -16,6 +16,10 @@ from mps_helpers import _cli
 if TYPE_CHECKING:
     from pathlib import Path
 
+# Imported at collection, not first inside a capsys test: diffusers' log handler keeps the
+# stderr it was created with, and a test's captured stderr is closed after the test.
+pytest.importorskip("diffusers")
+
 FALLBACK = "PYTORCH_ENABLE_MPS_FALLBACK"
 WATERMARKS = ("PYTORCH_MPS_HIGH_WATERMARK_RATIO", "PYTORCH_MPS_LOW_WATERMARK_RATIO")
 

@@ -15,6 +15,9 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 testing = pytest.importorskip("mps_helpers.testing")
+# Imported at collection, not first inside a capsys test: diffusers' log handler keeps the
+# stderr it was created with, and a test's captured stderr is closed after the test.
+pytest.importorskip("diffusers")
 Image = pytest.importorskip("PIL.Image")
 np = pytest.importorskip("numpy")
 
