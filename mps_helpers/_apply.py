@@ -418,6 +418,8 @@ def _apply_attention(pipe: Any, plan: Plan) -> None:
     safe = _safe_processor_class() if plan.attention_processor == "safe" else None
     if plan.attention_processor == "safe" and safe is None:
         logger.info("%s: mps_helpers._attention is missing: diffusers' slicing", _name(pipe))
+    if not hasattr(denoiser, "set_attn_processor"):  # processors cannot be swapped one by one
+        safe = None
     _restore_processors(pipe, denoiser, quiet=True)
     denoiser.__dict__[_SAVED_PROCESSORS_ATTR] = dict(denoiser.attn_processors)
     if safe is None:
@@ -690,7 +692,8 @@ def _from_pretrained(model: Any, kwargs: dict[str, Any], *, fallback: bool) -> A
     try:
         return load(model, **kwargs)
     except (OSError, ValueError) as exc:
-        if not fallback or "variant" not in str(exc).lower():
+        message = str(exc).lower()
+        if not fallback or ("variant" not in message and ".fp16." not in message):
             raise
         logger.info("%s has no fp16 variant (%s): loading its default files", model, exc)
         kwargs = {k: v for k, v in kwargs.items() if k != "variant"}
