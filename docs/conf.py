@@ -1,0 +1,107 @@
+"""Sphinx configuration of the mps_helpers documentation (``nox -s docs``).
+
+The build is offline (no intersphinx) and runs with warnings as errors. Autodoc imports the
+package, so torch and diffusers must be installed where the docs are built.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+# Build from the working tree even when the package is not installed.
+sys.path.insert(0, str(ROOT))
+
+from mps_helpers import __version__  # noqa: E402  (needs the path above)
+
+project = "mps_helpers"
+author = "mps_helpers developers"
+copyright = "mps_helpers developers"
+release = __version__
+version = __version__
+
+extensions = [
+    "myst_parser",
+    "sphinx.ext.autodoc",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.doctest",
+]
+
+source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
+root_doc = "index"
+
+# MyST: ```{directive} fences, ::: fences, and anchors for headings to link to.
+myst_enable_extensions = ["colon_fence", "deflist"]
+myst_heading_anchors = 3
+
+# Autodoc: signatures without the types, the types in the descriptions; members in source order.
+autodoc_typehints = "description"
+autodoc_member_order = "bysource"
+autodoc_default_options = {"members": True, "show-inheritance": True}
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+
+# Doctests run in a fresh namespace per document; this set-up is shared by all of them.
+doctest_global_setup = """
+import mps_helpers
+"""
+
+html_theme = "furo"
+html_title = f"mps_helpers {release}"
+
+
+# ---------------------------------------------------------------------------------------
+# ``{cli-help} COMMAND``: the command line's own --help text, so the reference cannot drift.
+
+
+def _cli_help_directive() -> type:
+    from docutils import nodes
+    from sphinx.util.docutils import SphinxDirective
+
+    class CliHelp(SphinxDirective):
+        """Insert ``mps-helpers [COMMAND] --help`` as a literal block."""
+
+        optional_arguments = 1
+
+        def run(self) -> list[nodes.Node]:
+            import os
+
+            from mps_helpers._cli import _build
+
+            # argparse wraps to the terminal width: make the page the same everywhere.
+            os.environ["COLUMNS"] = "90"
+            parser, commands = _build()
+            target = commands[self.arguments[0]] if self.arguments else parser
+            text = target.format_help()
+            block = nodes.literal_block(text, text)
+            block["language"] = "text"
+            return [block]
+
+    return CliHelp
+
+
+# ---------------------------------------------------------------------------------------
+# Top-level pages other than the tutorial (a benchmarks page, ...) join the "Start here"
+# toctree when they exist: a glob that matches nothing would be a warning, and a page in no
+# toctree is one too.
+
+
+def _add_top_level_pages(app: Any, docname: str, source: list[str]) -> None:
+    if docname != root_doc:
+        return
+    pages = sorted(
+        path.stem
+        for path in Path(app.srcdir).glob("*.md")
+        if path.stem not in {root_doc, "tutorial"}
+    )
+    anchor = ":caption: Start here\n\ntutorial\n"
+    source[0] = source[0].replace(anchor, anchor + "".join(f"{page}\n" for page in pages))
+
+
+def setup(app: Any) -> None:
+    """Register the project's directive and the index hook."""
+    app.add_directive("cli-help", _cli_help_directive())
+    app.connect("source-read", _add_top_level_pages)
