@@ -19,7 +19,8 @@ pipelines that have a plan, so that code written for one machine cannot undo the
 
 - ``pipe.to(device)`` for a device this machine does not have (``"mps"`` on Linux, ``"cuda"``
   on a Mac) keeps the pipeline where its plan put it, device and dtype, with an
-  :class:`AutoPrepareWarning`. A move to a device that exists is done as asked.
+  :class:`AutoPrepareWarning`; so does a ``.to()`` that contradicts a ``device`` or ``dtype``
+  given to the scope. Any other move is done as asked.
 - ``pipe.enable_attention_slicing()`` / ``disable_attention_slicing()``, when the plan uses the
   library's own attention processor (``attention_processor="safe"``), keep the plan's attention
   set-up, with an :class:`AutoPrepareWarning`: diffusers' sliced processor gives NaN (black)
@@ -139,8 +140,9 @@ def auto_prepare(func: _F | None = None, /, **options: Any) -> _F | AutoPrepare:
     pipelines meanwhile get them unprepared.
 
     While a scope is active, a prepared pipeline's ``.to(device)`` to a device this machine
-    lacks keeps the planned placement, and ``enable_attention_slicing()`` keeps the plan's safe
-    attention, each with an :class:`AutoPrepareWarning` (see the module documentation).
+    lacks (or against a ``device``/``dtype`` given to the scope) keeps the planned placement,
+    and ``enable_attention_slicing()`` keeps the plan's safe attention, each with an
+    :class:`AutoPrepareWarning` (see the module documentation).
 
     Args:
         func: the function to decorate (the bare ``@auto_prepare`` form).
@@ -394,21 +396,56 @@ def _patched_to(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def to(self: Any, *args: Any, **kwargs: Any) -> Any:
         plan = _plan_if_active(self)
-        if plan is not None:
-            device = _requested_device(args, kwargs)
-            if device is not None and not _device_exists(device):
-                warnings.warn(
-                    f"{type(self).__name__}.to({str(device)!r}) ignored: this machine has no "
-                    f"{device.type} device, so the pipeline stays on {plan.device} in "
-                    f"{str(plan.dtype).removeprefix('torch.')} as its plan decided "
-                    "(auto_prepare keeps code written for another machine running)",
-                    AutoPrepareWarning,
-                    stacklevel=2,
-                )
-                return self
-        return original(self, *args, **kwargs)
+        request = None if plan is None else _to_request(args, kwargs)
+        if plan is None or request is None:
+            return original(self, *args, **kwargs)
+        device, dtype, extra = request
+        ignored = _ignored_parts(plan, active_options() or {}, device, dtype)
+        if not ignored:
+            return original(self, *args, **kwargs)
+        device = None if "device" in ignored else device
+        dtype = None if "dtype" in ignored else dtype
+        shown = ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())])
+        head = f"{type(self).__name__}.to({shown})"
+        if device is not None or dtype is not None:
+            head += f": its {' and '.join(ignored)}"
+        warnings.warn(
+            f"{head} ignored: {'; '.join(ignored.values())}. The plan placed the pipeline on "
+            f"{plan.device} in {_name(plan.dtype)} (auto_prepare keeps code written for another "
+            "machine, or overridden by an option, running as planned)",
+            AutoPrepareWarning,
+            stacklevel=2,
+        )
+        if device is None and dtype is None:
+            return self
+        return original(self, device=device, dtype=dtype, **extra)
 
     return to
+
+
+def _ignored_parts(
+    plan: Plan,
+    options: Mapping[str, Any],
+    device: torch.device | None,
+    dtype: torch.dtype | None,
+) -> dict[str, str]:
+    """Return the parts of a ``.to()`` request that the plan overrides, each with why."""
+    ignored: dict[str, str] = {}
+    if device is not None and device.type != plan.device:
+        if not _device_exists(device):
+            ignored["device"] = f"this machine has no {device.type} device"
+            if dtype is not None:
+                ignored["dtype"] = f"{_name(dtype)} was meant for that device"
+        elif options.get("device", "auto") != "auto":
+            ignored["device"] = f"device={plan.device!r} was given to auto_prepare"
+    forced_dtype = options.get("dtype", "auto") != "auto"
+    if dtype is not None and dtype != plan.dtype and forced_dtype and "dtype" not in ignored:
+        ignored["dtype"] = f"dtype={_name(plan.dtype)!r} was given to auto_prepare"
+    return ignored
+
+
+def _name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _slicing_ignored(pipe: Any, plan: Plan, method: str) -> None:
@@ -447,19 +484,36 @@ def _patched_disable_slicing(original: Callable[..., Any]) -> Callable[..., Any]
     return disable_attention_slicing
 
 
-def _requested_device(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.device | None:
-    """Return the device a ``DiffusionPipeline.to`` call asks for, or None for dtype-only calls."""
+def _to_request(
+    args: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> tuple[torch.device | None, torch.dtype | None, dict[str, Any]] | None:
+    """Return (device, dtype, other keywords) of a ``DiffusionPipeline.to`` call.
+
+    None when the arguments are not a valid call: diffusers then raises its own error.
+    """
     import torch
 
-    wanted = kwargs.get("device")
-    if wanted is None and args and not isinstance(args[0], torch.dtype):
-        wanted = args[0]
-    if wanted is None:
+    extra = {k: v for k, v in kwargs.items() if k not in ("device", "dtype")}
+    device, dtype = kwargs.get("device"), kwargs.get("dtype")
+    if len(args) > 2 or (len(args) == 2 and (device is not None or dtype is not None)):
+        return None
+    if len(args) == 2:
+        device, dtype = args
+    elif len(args) == 1:
+        if isinstance(args[0], torch.dtype):
+            if dtype is not None:
+                return None
+            dtype = args[0]
+        elif device is None:
+            device = args[0]
+        else:
+            return None
+    if dtype is not None and not isinstance(dtype, torch.dtype):
         return None
     try:
-        return torch.device(wanted)
+        return (None if device is None else torch.device(device)), dtype, extra
     except (RuntimeError, TypeError):
-        return None  # not a device: let diffusers raise its own error
+        return None
 
 
 def _device_exists(device: torch.device) -> bool:

@@ -308,11 +308,28 @@ def test_to_a_missing_device_keeps_the_planned_placement(model_dir: Path) -> Non
         with warnings.catch_warnings():
             warnings.simplefilter("error", AutoPrepareWarning)
             pipe.to("cpu")
-            pipe.to(torch.float32)
+            pipe.to(torch.bfloat16)
         assert pipe.unet.device.type == "cpu"
+        assert pipe.unet.dtype == torch.bfloat16
     # Outside the scope the redirect is gone: diffusers/torch report the missing device.
     with pytest.raises((RuntimeError, AssertionError)):
         pipe.to(missing)
+
+
+def test_to_cannot_undo_a_device_or_dtype_given_to_auto_prepare(model_dir: Path) -> None:
+    with auto_prepare(device="cpu", dtype="float32"):
+        pipe = diffusers.DiffusionPipeline.from_pretrained(model_dir)
+        # "meta" exists everywhere: only the forced device keeps the pipeline where it is.
+        with pytest.warns(AutoPrepareWarning, match=r"to\('meta'\) ignored: device='cpu' was"):
+            assert pipe.to("meta") is pipe
+        with pytest.warns(AutoPrepareWarning, match=r"dtype='float32' was given to auto_prepare"):
+            pipe.to(torch.float16)
+        with pytest.warns(AutoPrepareWarning, match=r"to\('cpu', torch.float16\): its dtype"):
+            pipe.to("cpu", torch.float16)
+        assert (pipe.unet.device.type, pipe.unet.dtype) == ("cpu", torch.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", AutoPrepareWarning)
+            pipe.to("cpu", dtype=torch.float32)  # what the plan says anyway: no warning
 
 
 def test_enable_attention_slicing_keeps_the_safe_plan(model_dir: Path) -> None:
