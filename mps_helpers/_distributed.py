@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
     import torch
 
-__all__ = ["GATHER_CHOICES", "generate"]
+__all__ = ["GATHER_CHOICES", "collect", "generate", "launched_processes", "share_kwargs"]
 
 logger = logging.getLogger(__name__)
 
