@@ -560,8 +560,8 @@ def plan_for(
         device: "auto", "mps", "cuda" or "cpu".
         dtype: "auto", a torch floating dtype (float16, bfloat16, float32) or its name.
         attention_processor: "safe" (mps_helpers' chunked SDPA, default) or "diffusers".
-        attention_slicing, vae_slicing, vae_tiling, warmup, batch_to_loop, nan_guard,
-            oom_retry, memory_watch: "auto", True or False.
+        attention_slicing: "auto", True or False; so are ``vae_slicing``, ``vae_tiling``,
+            ``warmup``, ``batch_to_loop``, ``nan_guard``, ``oom_retry`` and ``memory_watch``.
 
     Raises:
         TypeError: ``pipe`` is not a diffusers pipeline, or ``env`` not an Environment.
