@@ -1,0 +1,296 @@
+"""The grid on this CPU: each configuration in a fresh process, for its time and peak RSS.
+
+SD-1.5-sized pipeline, 512 px, 2 steps, 2 prompts (the size that finishes in about twenty
+minutes on two cores). First a probe times one UNet forward per dtype at the same size: a
+dtype whose forward is more than ``--dominated`` times float32's cannot hold the best cell
+(the UNet is most of the call), so only its plain cell (SDPA, batch, no VAE slicing) is run,
+for its memory, and its other cells are listed as skipped with the probe's figures. Cells run
+most-informative first (``auto``, the naive cell, float32), so a run cut short by
+``--budget-min`` loses the least; the JSON file is rewritten after every cell.
+
+Usage::
+
+    python tests/benchmarks/grid_cpu.py                      # ~20 min on 2 idle cores
+    python tests/benchmarks/grid_cpu.py --quick              # tiny pipeline, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import _common
+import _grid
+
+__all__ = ["main", "probe_dtypes", "run"]
+
+log = logging.getLogger("bench.cpu")
+
+
+def _probe_child(spec_text: str) -> int:
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    spec = json.loads(spec_text)
+    dtype = getattr(torch, spec["dtype"])
+    unet = UNet2DConditionModel.from_pretrained(Path(spec["model"]) / "unet").to(dtype).eval()
+    latent = spec["size"] // 8
+    # Classifier-free guidance doubles the batch the UNet sees.
+    sample = torch.randn(2 * spec["images"], 4, latent, latent, dtype=dtype)
+    text = torch.randn(2 * spec["images"], 77, 768, dtype=dtype)
+    with torch.no_grad():
+        start = time.perf_counter()
+        unet(sample, torch.tensor(500), encoder_hidden_states=text)
+        seconds = time.perf_counter() - start
+    print(json.dumps({"dtype": spec["dtype"], "forward_s": seconds}))
+    return 0
+
+
+def probe_dtypes(
+    model: Path, dtypes: list[str], *, size: int, images: int, dominated: float
+) -> dict[str, Any]:
+    """Time one UNet forward per dtype (fresh processes); return times and the verdicts.
+
+    A dtype is given ``dominated x`` float32's forward time to finish; past that it is killed
+    and counted as dominated.
+    """
+    results: dict[str, Any] = {}
+    limit: float | None = None
+    for dtype in ["float32", *(d for d in dtypes if d != "float32")]:
+        spec = json.dumps({"dtype": dtype, "model": str(model), "size": size, "images": images})
+        command = [sys.executable, str(Path(__file__).resolve()), "--probe-child", spec]
+        try:
+            done = subprocess.run(
+                command,
+                capture_output=True,
+                text=True,
+                check=True,
+                # Loading the UNet takes a while too: allow a minute for it beyond the limit.
+                timeout=None if limit is None else 60 + limit,
+            )
+            seconds = json.loads(done.stdout.strip().splitlines()[-1])["forward_s"]
+        except subprocess.TimeoutExpired:
+            seconds = None
+        except subprocess.CalledProcessError as exc:
+            results[dtype] = {"error": exc.stderr.strip()[-1000:]}
+            continue
+        if dtype == "float32":
+            limit = dominated * seconds
+        ratio = (
+            None
+            if seconds is None
+            else seconds / results.get("float32", {}).get("forward_s", seconds)
+        )
+        results[dtype] = {
+            "forward_s": seconds,
+            "vs_float32": ratio,
+            "dominated": seconds is None or (ratio is not None and ratio > dominated),
+        }
+        log.info("probe %s: %s", dtype, results[dtype])
+    return results
+
+
+def _cells(
+    dtypes: list[str], probe: dict[str, Any], *, size: int, images: int
+) -> tuple[list[_grid.Cell], list[dict[str, Any]]]:
+    """Return the cells to run, most informative first, and the skipped ones with reasons."""
+    naive = _grid.naive_cell(size, images)
+    first = [_grid.Cell(setup="auto", size=size, images=images), naive]
+    fp32 = list(_grid.grid_cells(dtypes=["float32"], size=size, images=images))
+    # diffusers' slicing last among float32: on CPU it loses to SDPA (EVIDENCE.md).
+    fp32.sort(key=lambda c: (c.attention == "diffusers", c.prompts == "loop", c.vae_slicing))
+    cells = first + [c for c in fp32 if c != naive]
+    skipped: list[dict[str, Any]] = []
+    for dtype in dtypes:
+        if dtype == "float32":
+            continue
+        verdict = probe.get(dtype, {})
+        everything = _grid.grid_cells(dtypes=[dtype], size=size, images=images)
+        if not verdict.get("dominated"):
+            cells += everything
+            continue
+        plain = _grid.Cell(dtype=dtype, size=size, images=images)
+        if verdict.get("forward_s") is not None:
+            cells.append(plain)
+        forward = verdict.get("forward_s")
+        reason = (
+            f"dominated: one UNet forward in {dtype} took "
+            + (
+                f"{forward:.1f} s, {verdict['vs_float32']:.1f}x float32's"
+                if forward is not None
+                else "longer than the probe's limit"
+            )
+            + " (probe); only its plain cell was run"
+            + ("" if forward is not None else " (not even that)")
+        )
+        skipped += [
+            {"key": c.key, "cell": c.to_dict(), "skipped": reason} for c in everything if c != plain
+        ]
+    return cells, skipped
+
+
+def run(
+    *,
+    kind: str,
+    size: int,
+    steps: int,
+    images: int,
+    dtypes: list[str],
+    isolate: bool,
+    dominated: float,
+    budget_min: float,
+    confirm_rounds: int,
+    out: Path,
+    models: Path,
+) -> dict[str, Any]:
+    """Probe, run the cells, summarise; return the document written to ``out``."""
+    deadline = time.monotonic() + 60 * budget_min
+    model = _common.save_pipeline(kind, models / kind)
+    doc: dict[str, Any] = {
+        "machine": _common.machine_info("cpu"),
+        "settings": {
+            "kind": kind,
+            "size": size,
+            "steps": steps,
+            "images": images,
+            "repeats": 1,
+            "warmup_steps": 0,
+            "isolated": isolate,
+            "dominated_above": dominated,
+            "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None,
+        },
+        "records": [],
+    }
+    probe = (
+        probe_dtypes(model, dtypes, size=size, images=images, dominated=dominated)
+        if len(dtypes) > 1 and isolate
+        else {}
+    )
+    doc["dtype_probe"] = probe
+    cells, skipped = _cells(dtypes, probe, size=size, images=images)
+    doc["skipped"] = skipped
+    _common.write_json(out, doc)
+
+    def keep(record: dict[str, Any]) -> None:
+        record["loadavg"] = os.getloadavg()[0]
+        doc["records"].append(record)
+        _common.write_json(out, doc)
+
+    _grid.run_cells(
+        cells,
+        model=model,
+        device="cpu",
+        steps=steps,
+        warmup_steps=0,
+        repeats=1,
+        isolate=isolate,
+        on_record=keep,
+        deadline=deadline,
+    )
+    doc["summary"] = _grid.summarize(doc["records"] + skipped, size=size)
+    _common.write_json(out, doc)
+    best = doc["summary"].get("best")
+    auto = _grid.Cell(setup="auto", size=size, images=images)
+    if best and confirm_rounds and best != auto.key:
+        best_cell = next(_grid.Cell(**r["cell"]) for r in doc["records"] if r["key"] == best)
+        rounds: list[dict[str, Any]] = []
+        for i in range(confirm_rounds):
+            pair = (best_cell, auto) if i % 2 == 0 else (auto, best_cell)
+            got = _grid.run_cells(
+                pair,
+                model=model,
+                device="cpu",
+                steps=steps,
+                warmup_steps=0,
+                repeats=1,
+                isolate=isolate,
+                deadline=deadline,
+            )
+            by = {r["key"]: r for r in got}
+            if all("s_per_image" in r for r in got):
+                rounds.append(
+                    {
+                        "best_s": by[best]["s_per_image"],
+                        "auto_s": by[auto.key]["s_per_image"],
+                        "best_peak_gib": by[best]["peak_gib"],
+                        "auto_peak_gib": by[auto.key]["peak_gib"],
+                    }
+                )
+        if rounds:
+            doc["head_to_head"] = {
+                "best": best,
+                "rounds": rounds,
+                "auto_speed_vs_best": _common.median([r["best_s"] / r["auto_s"] for r in rounds]),
+                "auto_peak_vs_best": _common.median(
+                    [r["auto_peak_gib"] / r["best_peak_gib"] for r in rounds]
+                ),
+            }
+            _common.write_json(out, doc)
+    return doc
+
+
+def report(doc: dict[str, Any]) -> str:
+    """Return the run's tables and summary as text."""
+    size = doc["settings"]["size"]
+    parts = [_grid.table(doc["records"] + doc.get("skipped", []), size=size)]
+    if doc.get("dtype_probe"):
+        rows = [
+            [d, v.get("forward_s"), v.get("vs_float32"), v.get("dominated")]
+            for d, v in doc["dtype_probe"].items()
+        ]
+        parts.append(_common.md_table(["dtype", "UNet forward s", "x float32", "dominated"], rows))
+    parts.append(json.dumps(doc.get("summary", {}), indent=1))
+    if "head_to_head" in doc:
+        parts.append(json.dumps(doc["head_to_head"], indent=1))
+    return "\n\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the options, run, print the report."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny pipeline, in this process")
+    parser.add_argument("--size", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--images", type=int, default=2)
+    parser.add_argument(
+        "--dtypes", nargs="+", default=None, help="default: all (quick: fp32, bf16)"
+    )
+    parser.add_argument("--dominated", type=float, default=1.5)
+    parser.add_argument("--budget-min", type=float, default=30.0)
+    parser.add_argument("--confirm-rounds", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--models", type=Path, default=_common.RESULTS / "models")
+    parser.add_argument("--probe-child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.probe_child:
+        return _probe_child(args.probe_child)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # The plan logs every decision at INFO: the JSON keeps the plan, the console needs less.
+    logging.getLogger("mps_helpers").setLevel(logging.WARNING)
+    quick = args.quick
+    doc = run(
+        kind="tiny" if quick else "sd15",
+        size=args.size or (64 if quick else 512),
+        steps=args.steps,
+        images=args.images,
+        dtypes=args.dtypes or (["float32", "bfloat16"] if quick else list(_grid.DTYPES)),
+        isolate=not quick,
+        dominated=args.dominated,
+        budget_min=args.budget_min,
+        confirm_rounds=(0 if quick else 2) if args.confirm_rounds is None else args.confirm_rounds,
+        out=args.out or _common.RESULTS / ("grid-cpu-quick.json" if quick else "grid-cpu.json"),
+        models=args.models,
+    )
+    print(report(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

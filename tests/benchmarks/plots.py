@@ -1,0 +1,237 @@
+"""Plot the benchmark results: time per image and peak memory per configuration, auto marked.
+
+Reads the JSON files that the other scripts write (``grid-<device>.json``,
+``attention-<device>.json``) from ``--results`` and writes small PNG files to ``--out``.
+matplotlib is a benchmark-only dependency (the ``bench`` extra); the Agg backend needs no
+display. Usage::
+
+    python tests/benchmarks/plots.py --results bench-results --out bench-results/plots
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import _common
+
+__all__ = ["attention_figure", "grid_figure", "main", "plot_all"]
+
+log = logging.getLogger("bench.plots")
+
+AUTO = "#d62728"  # the auto plan: red, everywhere
+NAMED = "#ff7f0e"  # naive and source-rules cells
+OTHER = "#7f7f7f"
+BEST = "#2ca02c"
+DPI = 80
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _grid_rows(doc: dict[str, Any], size: int) -> list[dict[str, Any]]:
+    rows = [
+        r
+        for r in doc["records"]
+        if r["cell"]["size"] == size and "s_per_image" in r and r.get("finite", True)
+    ]
+    return sorted(rows, key=lambda r: r["s_per_image"])
+
+
+def grid_figure(doc: dict[str, Any], size: int, path: Path, *, title: str) -> Path | None:
+    """Draw seconds per image and peak memory per configuration at ``size``; return the file."""
+    import _grid
+
+    rows = _grid_rows(doc, size)
+    if not rows:
+        return None
+    plt = _pyplot()
+    images = rows[0]["cell"]["images"]
+    naive = _grid.naive_cell(size, images).key
+    source = _grid.source_cell(size, images).key
+    best = _first_manual(rows)
+    labels, colours = [], []
+    for r in rows:
+        label = r["key"].rsplit(" ", 1)[0]
+        if r["key"] == naive:
+            label += "  [naive]"
+        elif r["key"] == source:
+            label += "  [source rules]"
+        if r["cell"]["setup"] == "auto":
+            label = "AUTO: " + _grid._plan_brief(r.get("plan", {})).replace("vae-slicing ", "vae ")
+            colours.append(AUTO)
+        elif r is best:
+            colours.append(BEST)
+        elif r["key"] in (naive, source):
+            colours.append(NAMED)
+        else:
+            colours.append(OTHER)
+        labels.append(label)
+    height = max(2.5, 0.22 * len(rows) + 1.2)
+    fig, (ax_t, ax_m) = plt.subplots(
+        1, 2, figsize=(10, height), sharey=True, gridspec_kw={"width_ratios": [1.3, 1]}
+    )
+    y = list(range(len(rows)))
+    ax_t.barh(y, [r["s_per_image"] for r in rows], color=colours)
+    ax_m.barh(y, [r["peak_gib"] for r in rows], color=colours)
+    ax_t.set_yticks(y, labels, fontsize=7)
+    ax_t.invert_yaxis()
+    ax_t.set_xlabel("seconds per image (lower is better)", fontsize=8)
+    ax_m.set_xlabel("peak memory, GiB (lower is better)", fontsize=8)
+    for ax in (ax_t, ax_m):
+        ax.tick_params(axis="x", labelsize=7)
+        ax.grid(axis="x", alpha=0.3)
+    for tick, colour in zip(ax_t.get_yticklabels(), colours, strict=True):
+        if colour == AUTO:
+            tick.set_color(AUTO)
+            tick.set_fontweight("bold")
+    from matplotlib.patches import Patch
+
+    legend = [
+        Patch(color=AUTO, label="auto plan (prepare_pipeline defaults)"),
+        Patch(color=BEST, label="fastest hand-set cell"),
+        Patch(color=NAMED, label="naive / source rules"),
+    ]
+    ax_m.legend(handles=legend, fontsize=7, loc="lower right")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _first_manual(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return next((r for r in rows if r["cell"]["setup"] != "auto"), None)
+
+
+def _attention_runs(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Return (px, processor, seconds, extra GiB) rows from either attention JSON format."""
+    if "summary" in doc and doc["summary"] and "seconds_median" in doc["summary"][0]:
+        # attention_memory.py (CPU): medians over repeats, extra RSS in MB.
+        return [
+            {
+                "px": r["image_px"],
+                "processor": r["processor"],
+                "seconds": r["seconds_median"],
+                "extra_gib": r["extra_rss_mb_median"] / 1024,
+            }
+            for r in doc["summary"]
+        ]
+    return [
+        {
+            "px": r["px"],
+            "processor": r["processor"],
+            "seconds": r["seconds"],
+            "extra_gib": r["extra_gib"],
+        }
+        for r in doc["runs"]
+        if "seconds" in r
+    ]
+
+
+def attention_figure(doc: dict[str, Any], path: Path, *, title: str) -> Path | None:
+    """Draw forward time and memory over the weights per processor, grouped by image size."""
+    runs = _attention_runs(doc)
+    if not runs:
+        return None
+    plt = _pyplot()
+    sizes = sorted({r["px"] for r in runs})
+    processors = list(dict.fromkeys(r["processor"] for r in runs))
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 3.2))
+    width = 0.8 / len(processors)
+    palette = plt.get_cmap("tab10")
+    for i, name in enumerate(processors):
+        xs, ts, ms = [], [], []
+        for j, px in enumerate(sizes):
+            mine = [r for r in runs if r["px"] == px and r["processor"] == name]
+            base = [r for r in runs if r["px"] == px and r["processor"] == "sdpa"]
+            if not mine:
+                continue
+            xs.append(j + (i - (len(processors) - 1) / 2) * width)
+            ts.append(mine[0]["seconds"] / base[0]["seconds"] if base else mine[0]["seconds"])
+            ms.append(mine[0]["extra_gib"])
+        # The library's own processor in the auto colour; the others from tab10 minus red.
+        colour = AUTO if name.startswith("safe") else palette([0, 1, 2, 4, 5, 6, 8, 9][i % 8])
+        ax_t.bar(xs, ts, width, label=name, color=colour, alpha=1.0 if colour == AUTO else 0.8)
+        ax_m.bar(xs, ms, width, label=name, color=colour, alpha=1.0 if colour == AUTO else 0.8)
+    for ax in (ax_t, ax_m):
+        ax.set_xticks(range(len(sizes)), [f"{px} px" for px in sizes], fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.grid(axis="y", alpha=0.3)
+    ax_t.axhline(1.0, color="black", linewidth=0.6)
+    ax_t.set_ylabel("forward time / SDPA's", fontsize=8)
+    ax_m.set_ylabel("peak memory over weights, GiB", fontsize=8)
+    ax_m.set_yscale("log")
+    ax_t.legend(fontsize=7, ncol=2)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _where(machine: dict[str, Any]) -> str:
+    device = machine.get("gpu") or machine.get("cpu") or machine.get("device")
+    return f"{device}, torch {machine.get('torch')}, {machine.get('date', '')[:10]}"
+
+
+def plot_all(results: Path, out: Path) -> list[Path]:
+    """Plot every result file found in ``results``; return the PNG files written."""
+    written: list[Path] = []
+    for path in sorted(results.glob("grid-*.json")):
+        doc = _common.read_json(path)
+        device = path.stem.removeprefix("grid-")
+        settings = doc.get("settings", {})
+        sizes = sorted({r["cell"]["size"] for r in doc.get("records", [])})
+        for size in sizes:
+            images = next(r["cell"]["images"] for r in doc["records"] if r["cell"]["size"] == size)
+            title = (
+                f"{device}: {settings.get('kind', '')} pipeline, {size} px, "
+                f"{settings.get('steps')} steps, {images} image(s) per job "
+                f"({_where(doc['machine'])})"
+            )
+            png = grid_figure(doc, size, out / f"grid-{device}-{size}.png", title=title)
+            if png:
+                written.append(png)
+    for path in sorted(results.glob("attention-*.json")):
+        doc = _common.read_json(path)
+        device = path.stem.removeprefix("attention-")
+        machine = doc.get("machine") or (doc.get("runs") or [{}])[0]
+        unet = "toy UNet (quick run)" if doc.get("unet") == "quick" else "SD-1.5-sized UNet"
+        title = (
+            f"{device}: {unet} forward, batch 2, {doc.get('dtype', 'float32')} ({_where(machine)})"
+        )
+        png = attention_figure(doc, out / f"attention-{device}.png", title=title)
+        if png:
+            written.append(png)
+    for png in written:
+        log.info("wrote %s (%.0f KB)", png, png.stat().st_size / 1024)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Plot what ``--results`` holds into ``--out``."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--results", type=Path, default=_common.RESULTS)
+    parser.add_argument("--out", type=Path, default=_common.RESULTS / "plots")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # The plan logs every decision at INFO: the JSON keeps the plan, the console needs less.
+    logging.getLogger("mps_helpers").setLevel(logging.WARNING)
+    plot_all(args.results, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
