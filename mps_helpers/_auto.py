@@ -283,6 +283,7 @@ def _prepare_result(result: Any) -> Any:
     options = active_options()
     if options is None or not isinstance(result, DiffusionPipeline):
         return result
+    _log.info("auto_prepare: preparing the %s the function returned", type(result).__name__)
     return _prepare(result, options)
 
 
@@ -377,6 +378,7 @@ def _patched_loader(original: classmethod[Any, ..., Any]) -> classmethod[Any, ..
             pipe = bound(*args, **kwargs)
         finally:
             _loading.reset(token)
+        _log.info("auto_prepare: preparing what %s.%s returned", cls.__name__, loader.__name__)
         return _prepare(pipe, options)
 
     loader.__mps_helpers_original__ = original  # type: ignore[attr-defined]
