@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_CHUNK_ELEMENTS",
     "MAX_CHUNK_ELEMENTS",
+    "MIN_CHUNK_ROWS",
     "SafeSlicedAttnProcessor",
     "chunk_rows",
 ]
@@ -42,6 +43,13 @@ DEFAULT_CHUNK_ELEMENTS = 2**26
 MAX_CHUNK_ELEMENTS = 2**29
 
 
+#: Query rows a chunk keeps when the bound allows (1024, or the whole sequence if shorter).
+#: Fewer rows per SDPA call make kernels work in smaller tiles: on CPU, torch's flash kernel
+#: tiles queries by 256 only from 768 rows up (by 64 or 32 below), and chunks of a few hundred
+#: rows took 1.3-2x SDPA's time; 1024-row chunks took about SDPA's (attention.md).
+MIN_CHUNK_ROWS = 1024
+
+
 def chunk_rows(
     batch_heads: int, query_len: int, key_len: int, chunk_elements: int
 ) -> tuple[int, int]:
@@ -49,10 +57,10 @@ def chunk_rows(
 
     The attention of ``batch_heads`` (batch x heads) independent heads, each with ``query_len``
     query rows against ``key_len`` keys, materialises at most
-    ``heads_per_chunk * rows_per_chunk * key_len`` score elements per chunk. Whole heads are
-    grouped when one head fits; otherwise each head is split into groups of query rows. Chunks
-    are balanced: a split into ``n`` pieces uses pieces of ``ceil(total / n)``, not a full-size
-    run and a small remainder.
+    ``heads_per_chunk * rows_per_chunk * key_len`` score elements per chunk. A chunk keeps
+    :data:`MIN_CHUNK_ROWS` query rows (or all, if fewer) and as many heads as then fit; rows are
+    cut below that only when one head's rows alone exceed the bound. Chunks are balanced: a
+    split into ``n`` pieces uses pieces of ``ceil(total / n)``, not full pieces and a remnant.
 
     Raises:
         ValueError: when an argument is not a positive integer, or when ``chunk_elements`` is
@@ -71,10 +79,9 @@ def chunk_rows(
             f"chunk_elements={chunk_elements} is smaller than one query row of {key_len} keys; "
             f"use chunk_elements >= {key_len}"
         )
-    per_head = query_len * key_len
-    if per_head <= chunk_elements:
-        return _balanced(batch_heads, chunk_elements // per_head), query_len
-    return 1, _balanced(query_len, chunk_elements // key_len)
+    heads_that_fit = chunk_elements // (min(query_len, MIN_CHUNK_ROWS) * key_len)
+    heads = _balanced(batch_heads, max(1, heads_that_fit))
+    return heads, _balanced(query_len, chunk_elements // (heads * key_len))
 
 
 def _balanced(total: int, most: int) -> int:
@@ -89,14 +96,20 @@ def _chunk_shape(
 ) -> tuple[int, int, int]:
     """Return ``(batch_per_chunk, heads_per_chunk, rows_per_chunk)`` for 4-D (B, H, L, D) inputs.
 
-    Slicing a (B, H, L, D) view along B, H and L keeps SDPA's inputs 4-D strided views (no copy,
-    and the 4-D layout that CPU's flash kernel wants), so a chunk never spans part of one batch
-    item and part of the next: a group of heads covers either whole batch items or part of one.
+    As :func:`chunk_rows`, but a chunk never takes part of one batch item and part of the next
+    (a group of heads covers whole batch items or part of one), so that slicing a (B, H, L, D)
+    view along B, H and L keeps SDPA's inputs 4-D strided views: no copy, and the 4-D layout
+    that CPU's flash kernel wants.
     """
-    heads_per_chunk, rows = chunk_rows(batch * heads, query_len, key_len, chunk_elements)
-    if heads_per_chunk >= heads:
-        return _balanced(batch, heads_per_chunk // heads), heads, rows
-    return 1, _balanced(heads, heads_per_chunk), rows
+    flat, _ = chunk_rows(batch * heads, query_len, key_len, chunk_elements)
+    if flat >= batch * heads:
+        batch_step, head_step = batch, heads
+    elif flat >= heads:
+        batch_step, head_step = _balanced(batch, flat // heads), heads
+    else:
+        batch_step, head_step = 1, _balanced(heads, flat)
+    _, rows = chunk_rows(batch_step * head_step, query_len, key_len, chunk_elements)
+    return batch_step, head_step, rows
 
 
 @functools.cache

@@ -26,6 +26,7 @@ from mps_helpers import _attention  # noqa: E402
 from mps_helpers._attention import (  # noqa: E402
     DEFAULT_CHUNK_ELEMENTS,
     MAX_CHUNK_ELEMENTS,
+    MIN_CHUNK_ROWS,
     SafeSlicedAttnProcessor,
     _chunk_shape,
     chunk_rows,
@@ -47,20 +48,21 @@ def assert_close(actual: Any, expected: Any) -> None:
 # (batch*heads, query_len, key_len, chunk_elements) -> (heads_per_chunk, rows_per_chunk)
 CHUNK_ROWS_CASES = [
     # SD 1.5, batch 2 x 8 heads, 512 px: 4096 tokens; one head is 2**24 elements.
-    ((16, 4096, 4096, 2**26), (4, 4096)),
-    ((16, 4096, 4096, 2**24), (1, 4096)),
+    ((16, 4096, 4096, 2**28), (16, 4096)),  # all of it (2**28 exactly)
+    ((16, 4096, 4096, 2**26), (16, 1024)),  # all heads, 1024 rows
+    ((16, 4096, 4096, 2**24), (4, 1024)),  # 1024 rows, then as many heads as fit
     ((16, 4096, 4096, 2**22), (1, 1024)),
-    ((16, 4096, 4096, 2**28), (16, 4096)),
+    ((16, 4096, 4096, 2**20), (1, 256)),  # fewer rows only when one head's 1024 don't fit
     # cross-attention against 77 text tokens fits whole
     ((16, 4096, 77, 2**26), (16, 4096)),
-    # 768 px: 9216 tokens; 2**26 // 9216 = 7281 rows, balanced into two halves
-    ((16, 9216, 9216, 2**26), (1, 4608)),
-    # 1024 px: 16384 tokens; 4096 rows of 16384 keys is exactly 2**26
-    ((16, 16384, 16384, 2**26), (1, 4096)),
-    # balancing heads: 3 fit per chunk, 10 heads -> 4 chunks of 3, 3, 3, 1 -> 3
+    # 768 px: 9216 tokens. 7 heads of 1024 rows fit: balanced to 6 heads, 1152 rows
+    ((16, 9216, 9216, 2**26), (6, 1152)),
+    ((16, 9216, 9216, 2**22), (1, 439)),  # 455 rows fit: 21 chunks of 439
+    # 1024 px: 16384 tokens
+    ((16, 16384, 16384, 2**26), (4, 1024)),
+    # short sequences keep all their rows: 3 heads of 10 x 10 fit, 10 heads -> 4 x (3 or 1)
     ((10, 10, 10, 300), (3, 10)),
-    # balancing heads: 7 fit, 8 heads -> 2 chunks of 4
-    ((8, 10, 10, 700), (4, 10)),
+    ((8, 10, 10, 700), (4, 10)),  # 7 fit, 8 heads -> 2 balanced chunks of 4
     # one row per chunk when the bound is exactly one row
     ((2, 5, 7, 7), (1, 1)),
     ((1, 1, 1, 1), (1, 1)),
@@ -85,7 +87,8 @@ def test_chunk_rows_bounds_every_block() -> None:
         assert 1 <= heads <= batch_heads, case
         assert 1 <= rows <= query_len, case
         assert heads * rows * key_len <= chunk_elements <= MAX_CHUNK_ELEMENTS < 2**31, case
-        assert heads == 1 or rows == query_len, case  # rows are split only within one head
+        # rows are cut below MIN_CHUNK_ROWS only once a chunk is down to one head
+        assert heads == 1 or rows >= min(query_len, MIN_CHUNK_ROWS), case
         # Not wastefully many chunks: at most twice the minimum, plus one per head (rounding).
         chunks = math.ceil(batch_heads / heads) * math.ceil(query_len / rows)
         minimum = math.ceil(batch_heads * query_len * key_len / chunk_elements)
@@ -127,6 +130,7 @@ def test_chunk_shape_stays_inside_batch_items() -> None:
         assert 1 <= r <= query_len, case
         assert b == 1 or h == heads, case  # never part of one batch item and part of the next
         assert b * h * r * key_len <= chunk_elements, case
+        assert b * h == 1 or r >= min(query_len, MIN_CHUNK_ROWS), case
 
 
 @pytest.mark.parametrize("bad", [0, -1, MAX_CHUNK_ELEMENTS + 1, 2**31, 1.0, True, "auto"])
