@@ -121,7 +121,13 @@ def test_bfloat16_on_mps_follows_torch_and_macos() -> None:
 @ALL
 def test_vae_dtype_rule(name: str) -> None:
     result = plan(name)
-    if result.dtype == torch.float16:
+    if result.dtype == torch.float16 and result.device == "cuda":
+        # On CUDA the NaN guard backs a float16 VAE (benchmarks: +55% peak for float32).
+        assert result.nan_guard
+        assert result.vae_dtype == torch.float16
+        assert "force_upcast" in result.reasons["vae_dtype"]
+        assert plan(name, nan_guard=False).vae_dtype == torch.float32
+    elif result.dtype == torch.float16:
         assert result.vae_dtype == torch.float32
         assert "force_upcast" in result.reasons["vae_dtype"]
     else:
@@ -168,7 +174,8 @@ def test_asking_to_slice_a_transformer_warns_and_stays_off() -> None:
 @pytest.mark.parametrize("batch", [None, 1, 4])
 def test_vae_slicing_rule(name: str, batch: int | None) -> None:
     result = plan(name, batch_size=batch)
-    assert result.vae_slicing is (result.memory_tight and batch != 1)
+    # On CUDA sliced decode costs no time (benchmarks), so it is on for any batch.
+    assert result.vae_slicing is ((result.memory_tight or result.device == "cuda") and batch != 1)
 
 
 @ALL
