@@ -39,7 +39,7 @@ __all__ = ["attention_part", "firstcall_part", "grid_part", "library_part", "mai
 
 log = logging.getLogger("bench.accelerator")
 
-PARTS = ("library", "grid", "attention", "firstcall")
+PARTS = ("library", "grid", "confirm", "attention", "firstcall")
 PROCESSORS = ("sdpa", "sliced-auto", "sliced-max", "classic", "safe")
 
 # A UNet of SD 1.5's block layout at toy widths, for --quick runs of the attention part.
@@ -188,6 +188,124 @@ def head_to_head(
         "auto_s": times["auto"],
         "auto_speed_vs_best": _common.median(ratios),
     }
+
+
+def _allocated(device: str) -> int:
+    import torch
+
+    if device == "cuda":
+        return int(torch.cuda.memory_allocated())
+    if device == "mps":
+        return int(torch.mps.current_allocated_memory())
+    return 0
+
+
+def confirm_cells(settings: Settings) -> list[_grid.Cell]:
+    """Return the contenders of the head-to-head: ``auto`` and the grid's leading cells."""
+    s = settings
+    size, big = s.size, s.big
+    dtypes = [d for d in ("float16", "bfloat16") if d in s.dtypes] or list(s.dtypes)
+    cells = [_grid.Cell(setup="auto", size=size, images=s.images)]
+    cells += [
+        _grid.Cell(dtype=d, attention=a, vae_slicing=v, size=size, images=s.images)
+        for d in dtypes
+        for a, v in (("sdpa", True), ("sdpa", False), ("safe", False))
+    ]
+    cells += [
+        _grid.Cell(setup="auto", size=big, images=1),
+        _grid.Cell(dtype=dtypes[0], vae_slicing=True, size=big, images=1),
+    ]
+    return cells
+
+
+def confirm_part(
+    settings: Settings, out: Path, model: Path, deadline: float, *, rounds: int = 8
+) -> dict[str, Any]:
+    """Time ``auto`` and the leading cells in turn, all loaded at once; write the JSON file.
+
+    The grid measures each cell in a block of its own, so slow drift (clocks, the host's
+    load) lands on some cells and not others; here every round runs each contender once, in
+    a rotated order, and the figures are medians over rounds. Peak memory per run is the
+    pipeline's resident size plus the peak allocated above the start of that run.
+    """
+    s = settings
+    path = out / f"confirm-{s.device}.json"
+    doc: dict[str, Any] = {
+        "machine": _common.machine_info(s.device),
+        "settings": s.to_dict(),
+        "rounds": rounds,
+        "contenders": [],
+    }
+    entries: list[dict[str, Any]] = []
+    for cell in confirm_cells(s):
+        before = _allocated(s.device)
+        pipe = _common.load_pipeline(model)
+        plan = None
+        if cell.setup == "auto":
+            plan = _grid._set_up_auto(pipe)
+        else:
+            _grid._set_up_manual(pipe, cell, s.device)
+        _common.sync(s.device)
+        run = _grid.make_call(pipe, cell)
+        run(s.warmup_steps)
+        entries.append(
+            {
+                "cell": cell,
+                "pipe": pipe,
+                "run": run,
+                "resident": _allocated(s.device) - before,
+                "plan": plan,
+                "seconds": [],
+                "peak_gib": [],
+            }
+        )
+    for i in range(rounds):
+        if time.monotonic() > deadline:
+            break
+        shift = i % len(entries)
+        for entry in entries[shift:] + entries[:shift]:
+            with _common.peak_memory(s.device) as memory:
+                seconds, _ = _common.timed(lambda entry=entry: entry["run"](s.steps), s.device)
+            entry["seconds"].append(seconds)
+            entry["peak_gib"].append(
+                memory["peak_gib"] - memory["base_gib"] + entry["resident"] / 2**30
+            )
+    for entry in entries:
+        cell = entry["cell"]
+        done = bool(entry["seconds"])
+        doc["contenders"].append(
+            {
+                "key": cell.key,
+                "cell": cell.to_dict(),
+                "plan": entry["plan"],
+                "seconds": entry["seconds"],
+                "s_per_image": _common.median(entry["seconds"]) / cell.images if done else None,
+                "peak_gib": _common.median(entry["peak_gib"]) if done else None,
+            }
+        )
+    entries.clear()
+    _common.empty_cache(s.device)
+    doc["summary"] = {}
+    for size in (s.size, s.big):
+        mine = [c for c in doc["contenders"] if c["cell"]["size"] == size and c["s_per_image"]]
+        auto = next((c for c in mine if c["cell"]["setup"] == "auto"), None)
+        hand = [c for c in mine if c["cell"]["setup"] != "auto"]
+        if auto is None or not hand:
+            continue
+        best = min(hand, key=lambda c: c["s_per_image"])
+        doc["summary"][str(size)] = {
+            "best": best["key"],
+            "auto_plan": _grid._plan_brief(auto["plan"] or {}),
+            "auto_speed_vs_best": best["s_per_image"] / auto["s_per_image"],
+            "auto_peak_vs_best": auto["peak_gib"] / best["peak_gib"],
+        }
+    _common.write_json(path, doc)
+    rows = [
+        [c["key"], c["s_per_image"], c["peak_gib"], len(c["seconds"])] for c in doc["contenders"]
+    ]
+    print(_common.md_table(["contender", "s/image", "peak GiB", "rounds"], rows))
+    print(json.dumps(doc["summary"], indent=1), flush=True)
+    return doc
 
 
 def attention_part(settings: Settings, out: Path, deadline: float) -> dict[str, Any]:
@@ -392,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=3600.0, help="stop starting new work")
     parser.add_argument("--grid-budget-s", type=float, default=None, help="for the grid part")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per grid cell")
+    parser.add_argument("--rounds", type=int, default=8, help="rounds of the head-to-head")
     parser.add_argument("--firstcall-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.firstcall_child:
@@ -408,12 +527,14 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     models = args.models or _common.RESULTS / "models"
     model = None
-    if {"grid", "firstcall"} & set(args.parts):
+    if {"grid", "confirm", "firstcall"} & set(args.parts):
         model = _common.save_pipeline(settings.kind, models / settings.kind)
     # The grid first: it carries the headline ratios; the library cost last (it is measured
     # on the CPU too, and needs about a minute and a half).
     if "grid" in args.parts and model is not None:
         grid_part(settings, args.out, model, grid_deadline)
+    if "confirm" in args.parts and model is not None:
+        confirm_part(settings, args.out, model, deadline, rounds=args.rounds)
     if "attention" in args.parts:
         attention_part(settings, args.out, deadline)
     if "firstcall" in args.parts and model is not None:
