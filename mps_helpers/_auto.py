@@ -57,9 +57,10 @@ _LOADERS: Final = ("from_pretrained", "from_single_file", "from_pipe")
 class AutoPrepareWarning(UserWarning):
     """Code running under :func:`auto_prepare` asked for something its plan overrides.
 
-    Raised for ``pipe.to(...)`` aimed at a device the machine does not have and for
-    ``pipe.enable_attention_slicing()`` / ``disable_attention_slicing()`` on a pipeline whose
-    plan uses the library's own attention processor.
+    Issued for ``pipe.to(...)`` aimed at a device the machine does not have, or against a
+    ``device`` or ``dtype`` given to the scope, and for ``pipe.enable_attention_slicing()`` /
+    ``disable_attention_slicing()`` on a pipeline whose plan uses the library's own attention
+    processor. The warning points at the line that made the call.
 
     .. versionadded:: 0.1
     """
@@ -142,7 +143,8 @@ def auto_prepare(func: _F | None = None, /, **options: Any) -> _F | AutoPrepare:
     While a scope is active, a prepared pipeline's ``.to(device)`` to a device this machine
     lacks (or against a ``device``/``dtype`` given to the scope) keeps the planned placement,
     and ``enable_attention_slicing()`` keeps the plan's safe attention, each with an
-    :class:`AutoPrepareWarning` (see the module documentation).
+    :class:`AutoPrepareWarning`. The documentation's how-to "Run existing scripts and code
+    unchanged" gives the details.
 
     Args:
         func: the function to decorate (the bare ``@auto_prepare`` form).
