@@ -159,6 +159,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         scope.__enter__()
     except (TypeError, ValueError) as error:
         raise _UsageError(str(error)) from None
+    except ImportError as error:  # diffusers (or torch) is not installed
+        print(f"mps-helpers run: {error}", file=sys.stderr)
+        return 1
     saved_argv, saved_path0 = sys.argv[:], sys.path[0] if sys.path else None
     try:
         return _run_target(args.module, args.script, args.args)
