@@ -101,7 +101,29 @@ def _add_top_level_pages(app: Any, docname: str, source: list[str]) -> None:
     source[0] = source[0].replace(anchor, anchor + "".join(f"{page}\n" for page in pages))
 
 
+# ---------------------------------------------------------------------------------------
+# Every public name is in the API reference: a name exported but not documented is a warning
+# (an error under -W).
+
+
+def _check_api_reference(app: Any) -> None:
+    from sphinx.util import logging
+
+    import mps_helpers
+
+    page = Path(app.srcdir) / "reference" / "api.md"
+    text = page.read_text(encoding="utf-8")
+    for name in mps_helpers.__all__:
+        if name != "__version__" and f":: {name}\n" not in text:
+            logging.getLogger(__name__).warning(
+                "mps_helpers.%s is public but not in the API reference",
+                name,
+                location="reference/api",
+            )
+
+
 def setup(app: Any) -> None:
-    """Register the project's directive and the index hook."""
+    """Register the project's directive and hooks."""
     app.add_directive("cli-help", _cli_help_directive())
     app.connect("source-read", _add_top_level_pages)
+    app.connect("builder-inited", _check_api_reference)
