@@ -14,7 +14,7 @@ from mps_helpers._version import __version__
 if TYPE_CHECKING:
     from mps_helpers._apply import load_pipeline, plan_of, prepare_pipeline
     from mps_helpers._attention import SafeSlicedAttnProcessor
-    from mps_helpers._auto import auto_prepare
+    from mps_helpers._auto import AutoPrepareWarning, auto_prepare
     from mps_helpers._checks import Finding, check_environment
     from mps_helpers._distributed import generate
     from mps_helpers._environment import Environment, detect_environment
@@ -46,6 +46,7 @@ _EXPORTS: dict[str, str] = {
     "warmup": "mps_helpers._warmup",
     "SafeSlicedAttnProcessor": "mps_helpers._attention",
     "auto_prepare": "mps_helpers._auto",
+    "AutoPrepareWarning": "mps_helpers._auto",
     "generate": "mps_helpers._distributed",
     "BatchError": "mps_helpers._errors",
     "DeviceOutOfMemoryError": "mps_helpers._errors",
@@ -59,6 +60,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = [
+    "AutoPrepareWarning",
     "BatchError",
     "DeviceOutOfMemoryError",
     "DeviceUnavailableError",
