@@ -378,8 +378,10 @@ def _plan_brief(plan: dict[str, Any]) -> str:
     attention = (
         f"{plan.get('attention_processor')} slicing" if plan.get("attention_slicing") else "sdpa"
     )
+    vae = plan.get("vae_dtype")
+    upcast = f" ({vae} VAE)" if vae and vae != plan.get("dtype") else ""
     return (
-        f"{plan.get('device')} {plan.get('dtype')} {attention} "
+        f"{plan.get('device')} {plan.get('dtype')}{upcast} {attention} "
         f"{'loop' if plan.get('batch_to_loop') else 'batch'} "
         f"vae-slicing {'on' if plan.get('vae_slicing') else 'off'}"
         f"{' vae-tiling' if plan.get('vae_tiling') else ''}"

@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument(
-        "--dtypes", nargs="+", default=None, help="default: all (quick: fp32, bf16)"
+        "--dtypes", nargs="+", default=None, help="default: all (quick: float32)"
     )
     parser.add_argument("--dominated", type=float, default=1.5)
     parser.add_argument("--budget-min", type=float, default=30.0)
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         size=args.size or (64 if quick else 512),
         steps=args.steps,
         images=args.images,
-        dtypes=args.dtypes or (["float32", "bfloat16"] if quick else list(_grid.DTYPES)),
+        dtypes=args.dtypes or (["float32"] if quick else list(_grid.DTYPES)),
         isolate=not quick,
         dominated=args.dominated,
         budget_min=args.budget_min,

@@ -26,6 +26,7 @@ AUTO = "#d62728"  # the auto plan: red, everywhere
 NAMED = "#ff7f0e"  # naive and source-rules cells
 OTHER = "#7f7f7f"
 BEST = "#2ca02c"
+AUTO_NOW = "#9467bd"  # the cell a changed plan now picks
 DPI = 80
 
 
@@ -59,15 +60,23 @@ def grid_figure(doc: dict[str, Any], size: int, path: Path, *, title: str) -> Pa
     naive = _grid.naive_cell(size, images).key
     source = _grid.source_cell(size, images).key
     best = _first_manual(rows)
+    # A plan changed after a run: the cell that the new plan's setup equals, marked too.
+    now = doc.get("auto_after_change", {}).get(str(size))
     labels, colours = [], []
     for r in rows:
         label = r["key"].rsplit(" ", 1)[0]
-        if r["key"] == naive:
+        if r["key"] == now:
+            label = "= AUTO after the plan change: " + label
+            colours.append(AUTO_NOW)
+        elif r["key"] == naive:
             label += "  [naive]"
         elif r["key"] == source:
             label += "  [source rules]"
-        if r["cell"]["setup"] == "auto":
-            label = "AUTO: " + _grid._plan_brief(r.get("plan", {})).replace("vae-slicing ", "vae ")
+        if r["key"] == now:
+            pass
+        elif r["cell"]["setup"] == "auto":
+            before = "AUTO before the change: " if now else "AUTO: "
+            label = before + _grid._plan_brief(r.get("plan", {})).replace("vae-slicing ", "vae ")
             colours.append(AUTO)
         elif r is best:
             colours.append(BEST)
@@ -91,8 +100,8 @@ def grid_figure(doc: dict[str, Any], size: int, path: Path, *, title: str) -> Pa
         ax.tick_params(axis="x", labelsize=7)
         ax.grid(axis="x", alpha=0.3)
     for tick, colour in zip(ax_t.get_yticklabels(), colours, strict=True):
-        if colour == AUTO:
-            tick.set_color(AUTO)
+        if colour in (AUTO, AUTO_NOW):
+            tick.set_color(colour)
             tick.set_fontweight("bold")
     from matplotlib.patches import Patch
 
@@ -101,9 +110,11 @@ def grid_figure(doc: dict[str, Any], size: int, path: Path, *, title: str) -> Pa
         Patch(color=BEST, label="fastest hand-set cell"),
         Patch(color=NAMED, label="naive / source rules"),
     ]
-    ax_m.legend(handles=legend, fontsize=7, loc="lower right")
+    if now:
+        legend.insert(1, Patch(color=AUTO_NOW, label="the setup the changed plan picks"))
+    fig.legend(handles=legend, fontsize=7, loc="lower center", ncol=len(legend), frameon=False)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.5 / height, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
@@ -117,13 +128,14 @@ def _first_manual(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 def _attention_runs(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """Return (px, processor, seconds, extra GiB) rows from either attention JSON format."""
     if "summary" in doc and doc["summary"] and "seconds_median" in doc["summary"][0]:
-        # attention_memory.py (CPU): medians over repeats, extra RSS in MB.
+        # attention_memory.py (CPU): medians over repeats, extra RSS in MB. Its CPU seconds
+        # (process time) are steadier than wall time on a shared machine: preferred.
         return [
             {
                 "px": r["image_px"],
                 "processor": r["processor"],
-                "seconds": r["seconds_median"],
-                "extra_gib": r["extra_rss_mb_median"] / 1024,
+                "seconds": r.get("cpu_seconds_median") or r["seconds_median"],
+                "extra_gib": r.get("extra_mb_median", r.get("extra_rss_mb_median", 0.0)) / 1024,
             }
             for r in doc["summary"]
         ]
