@@ -64,18 +64,24 @@ class Settings:
         self.device = device
         self.kind = "tiny" if quick else "sd15"
         self.size = 64 if quick else 512
-        self.big = 128 if quick else 1024
+        self.big: int | None = 128 if quick else 1024
         self.steps = 2 if quick else 20
         self.warmup_steps = 1 if quick else 2
         self.repeats = 2 if quick else 3
         self.images = 2 if quick else 4
         self.confirm_rounds = 2 if quick else 5
         self.dtypes: tuple[str, ...] = ("float32", "bfloat16") if quick else _grid.DTYPES
-        if device == "mps":
-            # A 16 GB Mac: 10 steps, 2 prompts, one timed run; bf16 needs macOS 14.
+        self.latents = (8, 16) if quick else (64, 96, 128)
+        if device == "mps" and not quick:
+            # A 16 GB Mac: 10 steps, 2 prompts, one timed run; bf16 needs macOS 14. 1024 px
+            # (and its 16 GiB classic-attention forward) only with 32 GB or more.
             self.steps, self.images, self.repeats, self.confirm_rounds = 10, 2, 1, 2
             self.dtypes = ("float32", "float16")
-        self.latents = (8, 16) if quick else (64, 96, 128)
+            import psutil
+
+            if psutil.virtual_memory().total < 32 * 2**30:
+                self.big = None
+                self.latents = (64, 96)
         self.forwards = 2 if quick else 5
 
     def to_dict(self) -> dict[str, Any]:
@@ -112,8 +118,11 @@ def grid_part(settings: Settings, out: Path, model: Path, deadline: float) -> di
         _grid.Cell(dtype=big_dtype, attention=a, vae_slicing=v, size=s.big, images=1)
         for a in _grid.ATTENTIONS
         for v in (False, True)
+        if s.big is not None
     ]
-    big.append(_grid.Cell(setup="auto", size=s.big, images=1))
+    if s.big is not None:
+        big.append(_grid.Cell(setup="auto", size=s.big, images=1))
+    sizes = [size for size in (s.size, s.big) if size is not None]
     path = out / f"grid-{s.device}.json"
     doc: dict[str, Any] = {
         "machine": _common.machine_info(s.device),
@@ -136,9 +145,7 @@ def grid_part(settings: Settings, out: Path, model: Path, deadline: float) -> di
         "deadline": deadline,
     }
     _grid.run_cells(_order(cells, big), **options)
-    doc["summary"] = {
-        str(size): _grid.summarize(doc["records"], size=size) for size in (s.size, s.big)
-    }
+    doc["summary"] = {str(size): _grid.summarize(doc["records"], size=size) for size in sizes}
     _common.write_json(path, doc)
     best = doc["summary"][str(s.size)].get("best")
     if best and time.monotonic() < deadline:
@@ -150,7 +157,7 @@ def grid_part(settings: Settings, out: Path, model: Path, deadline: float) -> di
             settings=s,
         )
         _common.write_json(path, doc)
-    for size in (s.size, s.big):
+    for size in sizes:
         print(f"\n### {s.device}, {size} px\n", flush=True)
         print(_grid.table(doc["records"], size=size), flush=True)
         print(json.dumps(doc["summary"][str(size)], indent=1), flush=True)
@@ -200,26 +207,51 @@ def _allocated(device: str) -> int:
     return 0
 
 
-def confirm_cells(settings: Settings) -> list[_grid.Cell]:
-    """Return the contenders of the head-to-head: ``auto`` and the grid's leading cells."""
+def confirm_cells(
+    settings: Settings, records: list[dict[str, Any]] | None = None
+) -> list[_grid.Cell]:
+    """Return the head-to-head's contenders: ``auto`` and the grid's three fastest cells.
+
+    Without grid records (the grid not run here), the usual leaders on CUDA: float16 and
+    bfloat16 with SDPA in a batch, with and without VAE slicing, and the safe processor.
+    """
     s = settings
-    size, big = s.size, s.big
-    dtypes = [d for d in ("float16", "bfloat16") if d in s.dtypes] or list(s.dtypes)
-    cells = [_grid.Cell(setup="auto", size=size, images=s.images)]
-    cells += [
-        _grid.Cell(dtype=d, attention=a, vae_slicing=v, size=size, images=s.images)
-        for d in dtypes
-        for a, v in (("sdpa", True), ("sdpa", False), ("safe", False))
-    ]
-    cells += [
-        _grid.Cell(setup="auto", size=big, images=1),
-        _grid.Cell(dtype=dtypes[0], vae_slicing=True, size=big, images=1),
-    ]
+    sizes = [size for size in (s.size, s.big) if size is not None]
+    cells: list[_grid.Cell] = []
+    for size in sizes:
+        images = s.images if size == s.size else 1
+        cells.append(_grid.Cell(setup="auto", size=size, images=images))
+        ranked = sorted(
+            (
+                r
+                for r in records or []
+                if r["cell"]["size"] == size and r["cell"]["setup"] == "manual" and r.get("finite")
+            ),
+            key=lambda r: r["s_per_image"],
+        )
+        if ranked:
+            cells += [_grid.Cell(**r["cell"]) for r in ranked[: 3 if size == s.size else 1]]
+            continue
+        dtypes = [d for d in ("float16", "bfloat16") if d in s.dtypes] or list(s.dtypes)
+        if size != s.size:
+            cells.append(_grid.Cell(dtype=dtypes[0], vae_slicing=True, size=size, images=1))
+            continue
+        cells += [
+            _grid.Cell(dtype=d, attention=a, vae_slicing=v, size=size, images=images)
+            for d in dtypes
+            for a, v in (("sdpa", True), ("sdpa", False), ("safe", False))
+        ]
     return cells
 
 
 def confirm_part(
-    settings: Settings, out: Path, model: Path, deadline: float, *, rounds: int = 8
+    settings: Settings,
+    out: Path,
+    model: Path,
+    deadline: float,
+    *,
+    rounds: int = 8,
+    records: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Time ``auto`` and the leading cells in turn, all loaded at once; write the JSON file.
 
@@ -237,7 +269,7 @@ def confirm_part(
         "contenders": [],
     }
     entries: list[dict[str, Any]] = []
-    for cell in confirm_cells(s):
+    for cell in confirm_cells(s, records):
         before = _allocated(s.device)
         pipe = _common.load_pipeline(model)
         plan = None
@@ -287,6 +319,8 @@ def confirm_part(
     _common.empty_cache(s.device)
     doc["summary"] = {}
     for size in (s.size, s.big):
+        if size is None:
+            continue
         mine = [c for c in doc["contenders"] if c["cell"]["size"] == size and c["s_per_image"]]
         auto = next((c for c in mine if c["cell"]["setup"] == "auto"), None)
         hand = [c for c in mine if c["cell"]["setup"] != "auto"]
@@ -531,10 +565,13 @@ def main(argv: list[str] | None = None) -> int:
         model = _common.save_pipeline(settings.kind, models / settings.kind)
     # The grid first: it carries the headline ratios; the library cost last (it is measured
     # on the CPU too, and needs about a minute and a half).
+    records = None
     if "grid" in args.parts and model is not None:
-        grid_part(settings, args.out, model, grid_deadline)
+        records = grid_part(settings, args.out, model, grid_deadline)["records"]
+    elif (args.out / f"grid-{device}.json").exists():
+        records = _common.read_json(args.out / f"grid-{device}.json")["records"]
     if "confirm" in args.parts and model is not None:
-        confirm_part(settings, args.out, model, deadline, rounds=args.rounds)
+        confirm_part(settings, args.out, model, deadline, rounds=args.rounds, records=records)
     if "attention" in args.parts:
         attention_part(settings, args.out, deadline)
     if "firstcall" in args.parts and model is not None:
