@@ -79,9 +79,13 @@ def chunk_rows(
             f"chunk_elements={chunk_elements} is smaller than one query row of {key_len} keys; "
             f"use chunk_elements >= {key_len}"
         )
-    heads_that_fit = chunk_elements // (min(query_len, MIN_CHUNK_ROWS) * key_len)
-    heads = _balanced(batch_heads, max(1, heads_that_fit))
+    heads = _balanced(batch_heads, _heads_that_fit(query_len, key_len, chunk_elements))
     return heads, _balanced(query_len, chunk_elements // (heads * key_len))
+
+
+def _heads_that_fit(query_len: int, key_len: int, chunk_elements: int) -> int:
+    """Return how many heads of MIN_CHUNK_ROWS rows (or all rows, if fewer) fit; at least 1."""
+    return max(1, chunk_elements // (min(query_len, MIN_CHUNK_ROWS) * key_len))
 
 
 def _balanced(total: int, most: int) -> int:
@@ -101,13 +105,13 @@ def _chunk_shape(
     view along B, H and L keeps SDPA's inputs 4-D strided views: no copy, and the 4-D layout
     that CPU's flash kernel wants.
     """
-    flat, _ = chunk_rows(batch * heads, query_len, key_len, chunk_elements)
-    if flat >= batch * heads:
+    fit = _heads_that_fit(query_len, key_len, chunk_elements)
+    if fit >= batch * heads:
         batch_step, head_step = batch, heads
-    elif flat >= heads:
-        batch_step, head_step = _balanced(batch, flat // heads), heads
+    elif fit >= heads:
+        batch_step, head_step = _balanced(batch, fit // heads), heads
     else:
-        batch_step, head_step = 1, _balanced(heads, flat)
+        batch_step, head_step = 1, _balanced(heads, fit)
     _, rows = chunk_rows(batch_step * head_step, query_len, key_len, chunk_elements)
     return batch_step, head_step, rows
 

@@ -118,6 +118,28 @@ def test_chunk_rows_rejects(args: tuple[Any, ...]) -> None:
         chunk_rows(*args)
 
 
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        # SD 1.5 with guidance (batch 2 x 8 heads): the shapes docs/explanation/attention.md
+        # measured
+        ((2, 8, 4096, 4096, 2**26), (2, 8, 1024)),  # 512 px: 4 chunks
+        ((2, 8, 4096, 4096, 2**24), (1, 4, 1024)),
+        ((2, 8, 9216, 9216, 2**24), (1, 1, 1536)),  # 768 px
+        ((2, 8, 9216, 9216, 2**26), (1, 4, 1536)),
+        ((2, 8, 9216, 9216, 2**27), (1, 8, 1536)),
+        ((2, 8, 9216, 9216, 2**28), (2, 8, 1536)),
+        ((2, 8, 16384, 16384, 2**26), (1, 4, 1024)),  # 1024 px
+        # whole batch items when more heads than one item's fit
+        ((3, 4, 24, 24, 6911), (2, 4, 24)),
+    ],
+)
+def test_chunk_shape_table(
+    args: tuple[int, int, int, int, int], expected: tuple[int, int, int]
+) -> None:
+    assert _chunk_shape(*args) == expected
+
+
 def test_chunk_shape_stays_inside_batch_items() -> None:
     grid = itertools.product(
         [1, 2, 3, 4], [1, 5, 8], [1, 64, 4096, 9216], [77, 4096, 9216], [9216, 2**20, 2**26]
@@ -183,6 +205,41 @@ def test_self_attention(chunk_elements: int | None) -> None:
     x = torch.randn(3, 24, 32)
     with torch.no_grad():
         _compare(attn, lambda: attn(x), chunk_elements)
+
+
+@pytest.mark.parametrize(
+    ("chunk_elements", "calls"),
+    [
+        (None, 1),  # fast path: all 3 x 4 heads x 24 rows x 24 keys = 6912 elements
+        (6912, 1),
+        (6911, 2),  # 3 x 4 heads don't fit: whole batch items, 2 chunks of (2 or 1) x 4 heads
+        (4096, 3),  # 7 heads fit: one batch item (4 heads) per chunk
+        (512, 12 * 2),  # 21 rows of one head fit: 2 chunks of 12 rows per head
+        (24, 12 * 24),  # one row per chunk
+        (1, 12 * 24),  # less than a row: still one row per chunk
+    ],
+)
+def test_chunk_count(
+    monkeypatch: pytest.MonkeyPatch, chunk_elements: int | None, calls: int
+) -> None:
+    # One SDPA call per chunk: the chunked path really runs, with the planned shape.
+    attn = Attention(32, heads=4, dim_head=8).eval()
+    x = torch.randn(3, 24, 32)
+    with torch.no_grad():
+        expected = attn(x)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        seen: list[tuple[int, ...]] = []
+
+        def counting_sdpa(query: Any, *args: Any, **kwargs: Any) -> Any:
+            seen.append(tuple(query.shape))
+            return sdpa(query, *args, **kwargs)
+
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
+        attn.set_processor(SafeSlicedAttnProcessor(chunk_elements))
+        assert_close(attn(x), expected)
+    assert len(seen) == calls
+    bound = max(chunk_elements or DEFAULT_CHUNK_ELEMENTS, 24)
+    assert all(b * h * rows * 24 <= bound for b, h, rows, _ in seen)
 
 
 @pytest.mark.parametrize("chunk_elements", CHUNKS)

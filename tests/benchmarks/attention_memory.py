@@ -173,17 +173,36 @@ def compare(latent: int, chunks: list[int | None]) -> dict[str, Any]:
     unet = UNet2DConditionModel(**SD15_UNET).eval()
     sample = torch.randn(2, 4, latent, latent)
     text = torch.randn(2, 77, 768)
-    result: dict[str, Any] = {"latent": latent, "max_abs_diff": {}}
+    result: dict[str, Any] = {"latent": latent, "max_abs_diff": {}, "sdpa_calls": {}}
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls = 0
+
+    def counting_sdpa(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return sdpa(*args, **kwargs)
+
+    # Counting SDPA calls shows that the chunked path ran (32 attention layers unchunked).
+    torch.nn.functional.scaled_dot_product_attention = counting_sdpa
     with torch.no_grad():
         unet.set_attn_processor(AttnProcessor2_0())
         expected = unet(sample, 500, encoder_hidden_states=text).sample
         result["output_abs_max"] = expected.abs().max().item()
         for chunk in chunks:
             unet.set_attn_processor(SafeSlicedAttnProcessor(chunk))
+            calls = 0
             actual = unet(sample, 500, encoder_hidden_states=text).sample
             diff = (actual - expected).abs().max().item()
             result["max_abs_diff"][str(chunk)] = diff
-            log.info("latent %d, chunk_elements %s: max |ours - SDPA| = %.3g", latent, chunk, diff)
+            result["sdpa_calls"][str(chunk)] = calls
+            log.info(
+                "latent %d, chunk_elements %s: %d SDPA calls, max |ours - SDPA| = %.3g",
+                latent,
+                chunk,
+                calls,
+                diff,
+            )
+    torch.nn.functional.scaled_dot_product_attention = sdpa
     return result
 
 
@@ -278,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.compare:
-        result = compare(args.compare, [None, 2**22])
+        result = compare(args.compare, [None, 2**22, 2**18])
         print(json.dumps(result, indent=1))
         return 0 if max(result["max_abs_diff"].values()) <= 1e-5 else 1
     runs: list[dict[str, Any]] = []
