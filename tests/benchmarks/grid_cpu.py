@@ -100,38 +100,50 @@ def probe_dtypes(
 def _cells(
     dtypes: list[str], probe: dict[str, Any], *, size: int, images: int
 ) -> tuple[list[_grid.Cell], list[dict[str, Any]]]:
-    """Return the cells to run, most informative first, and the skipped ones with reasons."""
+    """Return the cells to run, most informative first, and the skipped ones with reasons.
+
+    Order: ``auto`` and the naive cell; the plain and VAE-sliced batch cells of every other
+    dtype the probe kept (the likeliest challengers); the rest of float32, then of the other
+    dtypes; diffusers' slicing last (on CPU it lost to SDPA on time and memory, EVIDENCE.md).
+    """
     naive = _grid.naive_cell(size, images)
-    first = [_grid.Cell(setup="auto", size=size, images=images), naive]
-    fp32 = list(_grid.grid_cells(dtypes=["float32"], size=size, images=images))
-    # diffusers' slicing last among float32: on CPU it loses to SDPA (EVIDENCE.md).
-    fp32.sort(key=lambda c: (c.attention == "diffusers", c.prompts == "loop", c.vae_slicing))
-    cells = first + [c for c in fp32 if c != naive]
+    kept = [d for d in dtypes if d == "float32" or not probe.get(d, {}).get("dominated")]
+    everything = {d: _grid.grid_cells(dtypes=[d], size=size, images=images) for d in kept}
+    challengers = [
+        c
+        for d in kept
+        if d != "float32"
+        for c in everything[d]
+        if c.attention == "sdpa" and c.prompts == "batch"
+    ]
+    ordered = [_grid.Cell(setup="auto", size=size, images=images), naive, *challengers]
+    for dtype in ["float32", *(d for d in kept if d != "float32")]:
+        ordered += [c for c in everything[dtype] if c.attention != "diffusers" and c not in ordered]
+    for dtype in kept:
+        ordered += [c for c in everything[dtype] if c.attention == "diffusers"]
+    cells = ordered
     skipped: list[dict[str, Any]] = []
     for dtype in dtypes:
-        if dtype == "float32":
+        if dtype in kept:
             continue
         verdict = probe.get(dtype, {})
-        everything = _grid.grid_cells(dtypes=[dtype], size=size, images=images)
-        if not verdict.get("dominated"):
-            cells += everything
-            continue
         plain = _grid.Cell(dtype=dtype, size=size, images=images)
-        if verdict.get("forward_s") is not None:
-            cells.append(plain)
         forward = verdict.get("forward_s")
+        if forward is not None:
+            cells.append(plain)
         reason = (
             f"dominated: one UNet forward in {dtype} took "
             + (
                 f"{forward:.1f} s, {verdict['vs_float32']:.1f}x float32's"
                 if forward is not None
-                else "longer than the probe's limit"
+                else "longer than the probe's limit (1.5x float32's + 60 s)"
             )
-            + " (probe); only its plain cell was run"
-            + ("" if forward is not None else " (not even that)")
+            + (" (probe); only its plain cell was run" if forward is not None else " (probe)")
         )
         skipped += [
-            {"key": c.key, "cell": c.to_dict(), "skipped": reason} for c in everything if c != plain
+            {"key": c.key, "cell": c.to_dict(), "skipped": reason}
+            for c in _grid.grid_cells(dtypes=[dtype], size=size, images=images)
+            if c != plain or forward is None
         ]
     return cells, skipped
 
@@ -149,6 +161,7 @@ def run(
     confirm_rounds: int,
     out: Path,
     models: Path,
+    reuse_probe: Path | None = None,
 ) -> dict[str, Any]:
     """Probe, run the cells, summarise; return the document written to ``out``."""
     deadline = time.monotonic() + 60 * budget_min
@@ -168,11 +181,12 @@ def run(
         },
         "records": [],
     }
-    probe = (
-        probe_dtypes(model, dtypes, size=size, images=images, dominated=dominated)
-        if len(dtypes) > 1 and isolate
-        else {}
-    )
+    if reuse_probe is not None:
+        probe = _common.read_json(reuse_probe)["dtype_probe"]
+    elif len(dtypes) > 1 and isolate:
+        probe = probe_dtypes(model, dtypes, size=size, images=images, dominated=dominated)
+    else:
+        probe = {}
     doc["dtype_probe"] = probe
     cells, skipped = _cells(dtypes, probe, size=size, images=images)
     doc["skipped"] = skipped
@@ -259,14 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=None)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--images", type=int, default=2)
-    parser.add_argument(
-        "--dtypes", nargs="+", default=None, help="default: all (quick: float32)"
-    )
+    parser.add_argument("--dtypes", nargs="+", default=None, help="default: all (quick: float32)")
     parser.add_argument("--dominated", type=float, default=1.5)
     parser.add_argument("--budget-min", type=float, default=30.0)
     parser.add_argument("--confirm-rounds", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--models", type=Path, default=_common.RESULTS / "models")
+    parser.add_argument("--reuse-probe", type=Path, help="a grid JSON whose dtype probe to reuse")
     parser.add_argument("--probe-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.probe_child:
@@ -287,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         confirm_rounds=(0 if quick else 2) if args.confirm_rounds is None else args.confirm_rounds,
         out=args.out or _common.RESULTS / ("grid-cpu-quick.json" if quick else "grid-cpu.json"),
         models=args.models,
+        reuse_probe=args.reuse_probe,
     )
     print(report(doc))
     return 0

@@ -172,10 +172,15 @@ def attention_figure(doc: dict[str, Any], path: Path, *, title: str) -> Path | N
             xs.append(j + (i - (len(processors) - 1) / 2) * width)
             ts.append(mine[0]["seconds"] / base[0]["seconds"] if base else mine[0]["seconds"])
             ms.append(mine[0]["extra_gib"])
-        # The library's own processor in the auto colour; the others from tab10 minus red.
-        colour = AUTO if name.startswith("safe") else palette([0, 1, 2, 4, 5, 6, 8, 9][i % 8])
-        ax_t.bar(xs, ts, width, label=name, color=colour, alpha=1.0 if colour == AUTO else 0.8)
-        ax_m.bar(xs, ms, width, label=name, color=colour, alpha=1.0 if colour == AUTO else 0.8)
+        # The library's own processor in the auto colour (its chunk-size variants hatched);
+        # the others from tab10 without its red.
+        ours = name.startswith("safe")
+        colour = AUTO if ours else palette([0, 1, 2, 4, 5, 6, 8, 9][i % 8])
+        style = {"color": colour, "alpha": 1.0 if name == "safe" else 0.8}
+        if ours and name != "safe":
+            style.update(hatch="//", edgecolor="white", alpha=0.55)
+        ax_t.bar(xs, ts, width, label=name, **style)
+        ax_m.bar(xs, ms, width, label=name, **style)
     for ax in (ax_t, ax_m):
         ax.set_xticks(range(len(sizes)), [f"{px} px" for px in sizes], fontsize=8)
         ax.tick_params(axis="y", labelsize=7)
@@ -184,6 +189,11 @@ def attention_figure(doc: dict[str, Any], path: Path, *, title: str) -> Path | N
     ax_t.set_ylabel("forward time / SDPA's", fontsize=8)
     ax_m.set_ylabel("peak memory over weights, GiB", fontsize=8)
     ax_m.set_yscale("log")
+    from matplotlib.ticker import ScalarFormatter
+
+    ax_m.yaxis.set_major_formatter(ScalarFormatter())
+    ax_m.yaxis.set_minor_formatter(ScalarFormatter())
+    ax_m.tick_params(axis="y", which="minor", labelsize=6)
     ax_t.legend(fontsize=7, ncol=2)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -195,7 +205,8 @@ def attention_figure(doc: dict[str, Any], path: Path, *, title: str) -> Path | N
 
 def _where(machine: dict[str, Any]) -> str:
     device = machine.get("gpu") or machine.get("cpu") or machine.get("device")
-    return f"{device}, torch {machine.get('torch')}, {machine.get('date', '')[:10]}"
+    date = (machine.get("date") or "")[:10]
+    return ", ".join(str(x) for x in (device, f"torch {machine.get('torch')}", date) if x)
 
 
 def plot_all(results: Path, out: Path) -> list[Path]:
