@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pytest
 import torch
+from _call_fakes import Spy, make_plan
+from _call_fakes import one_torch_thread as _one_thread  # noqa: F401 - autouse fixture
 
 import mps_helpers
 from mps_helpers import _call, _guards
@@ -26,49 +28,6 @@ if TYPE_CHECKING:
 
 TOLERANCE = 1e-4
 SIZE = {"height": 32, "width": 32, "num_inference_steps": 2}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # The tiny pipelines are bound by per-op overhead: on a shared 2-core machine, two
-    # threads per op make each call many times slower, not faster.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def make_plan(**on: Any) -> SimpleNamespace:
-    """Return a plan-like object with every feature off except those in ``on``."""
-    fields: dict[str, Any] = {
-        "device": "cpu",
-        "dtype": torch.float32,
-        "warmup": False,
-        "batch_to_loop": False,
-        "nan_guard": False,
-        "oom_retry": False,
-        "memory_watch": False,
-        "memory_tight": False,
-    }
-    fields.update(on)
-    return SimpleNamespace(**fields)
-
-
-class Spy:
-    """The pipeline's own ``__call__``, bound to it, recording (and optionally failing) calls."""
-
-    def __init__(self, pipe: Any, fail_at: int | None = None) -> None:
-        self.calls: list[dict[str, Any]] = []
-        original = type(pipe).__call__
-
-        @functools.wraps(original)
-        def wrapper(inner: Any, *args: Any, **kwargs: Any) -> Any:
-            self.calls.append(kwargs)
-            if fail_at is not None and len(self.calls) == fail_at + 1:
-                raise RuntimeError("injected failure")
-            return original(inner, *args, **kwargs)
-
-        self.call = functools.partial(wrapper, pipe)
 
 
 def run(pipe: Any, plan: Any, *args: Any, spy: Spy | None = None, **kwargs: Any) -> Any:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
 import torch
+from _call_fakes import Spy
+from _call_fakes import make_plan as _make_plan
+from _call_fakes import one_torch_thread as _one_thread  # noqa: F401 - autouse fixture
 
 import mps_helpers
 from mps_helpers import _warmup
@@ -23,47 +25,8 @@ if TYPE_CHECKING:
 SIZE = {"height": 32, "width": 32, "num_inference_steps": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # The tiny pipelines are bound by per-op overhead: on a shared 2-core machine, two
-    # threads per op make each call many times slower, not faster.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def make_plan(**on: Any) -> SimpleNamespace:
-    """Return a plan-like object with only ``warmup`` (and ``on``) switched on."""
-    fields: dict[str, Any] = {
-        "device": "cpu",
-        "dtype": torch.float32,
-        "warmup": True,
-        "batch_to_loop": False,
-        "nan_guard": False,
-        "oom_retry": False,
-        "memory_watch": False,
-        "memory_tight": False,
-    }
-    fields.update(on)
-    return SimpleNamespace(**fields)
-
-
-class Spy:
-    """The pipeline's own ``__call__``, bound to it, recording (and optionally failing) calls."""
-
-    def __init__(self, pipe: Any, fail_at: int | None = None) -> None:
-        self.calls: list[dict[str, Any]] = []
-        original = type(pipe).__call__
-
-        @functools.wraps(original)
-        def wrapper(inner: Any, *args: Any, **kwargs: Any) -> Any:
-            self.calls.append(kwargs)
-            if fail_at is not None and len(self.calls) == fail_at + 1:
-                raise RuntimeError("injected failure")
-            return original(inner, *args, **kwargs)
-
-        self.call = functools.partial(wrapper, pipe)
+# Like the prepared call's tests' plans, but with the warmup on.
+make_plan = functools.partial(_make_plan, warmup=True)
 
 
 @pytest.fixture(scope="module")
