@@ -69,6 +69,9 @@ class Environment:
     cuda_bf16_supported: bool = False
     #: Memory of CUDA device 0 in bytes, or None.
     cuda_total_memory: int | None = None
+    #: The CPU has instructions that compute bfloat16 natively (x86 AVX512-BF16 or AMX), as
+    #: torch's CPU backend reports them.
+    cpu_bf16_supported: bool = False
     #: Physical RAM in bytes (unified memory on Apple Silicon), or None.
     total_memory: int | None = None
     #: RAM available without swapping, in bytes, or None.
@@ -176,6 +179,7 @@ def _detect() -> Environment:
         cuda_device_name=torch_info.cuda_device_name,
         cuda_bf16_supported=torch_info.cuda_bf16_supported,
         cuda_total_memory=torch_info.cuda_total_memory,
+        cpu_bf16_supported=torch_info.cpu_bf16_supported,
         total_memory=memory.total,
         available_memory=memory.available,
         swap_used=memory.swap_used,

@@ -100,6 +100,13 @@ ATTENTION_CHUNK_CAP = 2**28
 ATTENTION_CHUNK_FLOOR = 2**20
 #: Memory assumed available when the snapshot does not know it (an 8 GB Mac has ~3 GiB).
 UNKNOWN_AVAILABLE_MEMORY = 2 * GiB
+#: What bfloat16 costs on a CPU without native bfloat16 instructions, measured with them
+#: hidden from torch and oneDNN (docs/explanation/decisions.md#dtype).
+CPU_BF16_EMULATED = (
+    "SD's matmul and 320-channel conv took 2.6x float32's time in bfloat16 with AVX-512, "
+    "100-330x with AVX2"
+)
+
 #: bfloat16 on mps needs torch 2.3 and macOS 14 (EVIDENCE: "PyTorch mps facts by version").
 MPS_BF16_TORCH = Version("2.3")
 MPS_BF16_MACOS = Version("14")
@@ -761,10 +768,15 @@ def _dtype(
                 f"(this machine: torch {env.torch_version}, macOS {env.macos_version}); "
                 "use dtype='float16'"
             )
-        if device == "cpu" and asked != torch.float32:
+        if device == "cpu" and asked == torch.float16:
             return asked, (
-                f"asked for ({_dtype_name(asked)}); note that half precision is emulated on "
-                "the CPU (a float16 conv measured 1,300x, bfloat16 3x slower than float32)."
+                "asked for (float16); note that float16 is emulated on the CPU (a float16 "
+                "conv measured 1,300x slower than float32)."
+            )
+        if device == "cpu" and asked == torch.bfloat16 and not env.cpu_bf16_supported:
+            return asked, (
+                "asked for (bfloat16); note that this CPU has no native bfloat16 "
+                f"instructions, so it is emulated ({CPU_BF16_EMULATED})."
             )
         return asked, _asked(asked)
     if device == "mps":
@@ -792,9 +804,16 @@ def _dtype(
             "float16 on CUDA: 2.6x faster than float32 with half the peak memory "
             "(H100, SD 1.5, batch 4: 1.04 vs 2.65 s, 4.44 vs 8.80 GiB)."
         )
+    if env.cpu_bf16_supported:
+        return torch.bfloat16, (
+            "bfloat16 on the CPU: this processor computes bfloat16 natively (AVX512-BF16 or "
+            "AMX), and there SD 1.5 ran 1.76x faster than in float32 at 0.54x the peak "
+            "memory (2-core AMD EPYC: 36.1 vs 63.7 s/image, 3.25 vs 5.95 GiB; "
+            "docs/explanation/benchmarks.md)."
+        )
     return torch.float32, (
-        "float32 on the CPU: half-precision kernels are emulated there (measured on this "
-        "project's CPU: a float16 matmul 300x, a conv 1,300x slower than float32)."
+        "float32 on the CPU: this processor has no native bfloat16 instructions, and "
+        f"emulated half precision is slow ({CPU_BF16_EMULATED}; float16 convs 1,300x)."
     )
 
 

@@ -190,6 +190,7 @@ class TorchInfo:
     cuda_device_name: str | None = None
     cuda_bf16_supported: bool = False
     cuda_total_memory: int | None = None
+    cpu_bf16_supported: bool = False
 
 
 def torch_info() -> TorchInfo:
@@ -219,7 +220,28 @@ def torch_info() -> TorchInfo:
         cuda_device_name=name,
         cuda_bf16_supported=bool(bf16),
         cuda_total_memory=mem,
+        cpu_bf16_supported=cpu_bf16_supported(torch.cpu),
     )
+
+
+#: torch.cpu's checks for the x86 instructions that compute bfloat16 natively: AVX512-BF16
+#: (AMD Zen 4 and newer, Intel Cooper Lake and newer) and AMX (Intel Sapphire Rapids and
+#: newer). They are private helpers (torch 2.1+), so each is looked up and may be missing.
+CPU_BF16_CHECKS: tuple[str, ...] = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+
+
+def cpu_bf16_supported(torch_cpu: object) -> bool:
+    """Whether torch's CPU backend has native bfloat16 instructions to dispatch to.
+
+    Asks the checks of :data:`CPU_BF16_CHECKS` on ``torch.cpu`` (passed in, so that tests
+    can hand in a fake); a missing or failing check counts as False. Other CPUs (arm64
+    included: not measured) emulate bfloat16 through float32.
+    """
+    for name in CPU_BF16_CHECKS:
+        check = getattr(torch_cpu, name, None)
+        if callable(check) and bool(safe(check, False)):
+            return True
+    return False
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import torch
 from accelerate import PartialState
 
 import mps_helpers
+from mps_helpers import _probes
 from mps_helpers.testing import tiny_pipeline
 
 PROMPTS = ["a red cube", "a blue ball", "a green cone", "a cat", "a dog"]
@@ -51,6 +52,9 @@ def _boom(*args: Any, **kwargs: Any) -> Any:
 def main(out_dir: Path) -> None:
     """Run every scenario on this process and write the results."""
     torch.set_num_threads(1)
+    # The test process computes its float32 reference on a CPU detected without native
+    # bfloat16 (tests/conftest.py); plan the same dtype here, whatever this CPU has.
+    _probes.cpu_bf16_supported = lambda torch_cpu: False
     spans = _Spans()
     log = logging.getLogger("mps_helpers._distributed")
     log.addHandler(spans)

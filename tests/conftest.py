@@ -4,11 +4,49 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
+from mps_helpers import _environment, _probes
+
+_REAL_CPU_BF16_SUPPORTED = _probes.cpu_bf16_supported
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
 # ``tests/machines.py`` is imported as ``machines`` by the test modules.
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cpu_without_native_bfloat16() -> Iterator[None]:
+    """Detect this CPU as one without native bfloat16 instructions (see ``real_cpu_dtype``).
+
+    The plan runs the CPU in bfloat16 where the processor computes it natively and in
+    float32 elsewhere. Tests that prepare a pipeline on the machine they run on would
+    otherwise compare different dtypes on different CI hosts; the bfloat16 CPU plan is
+    tested on the fake ``linux-cpu-bf16`` machine and, for real, under ``real_cpu_dtype``.
+    Session-scoped, so that module-scoped fixtures see it too.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_probes, "cpu_bf16_supported", lambda torch_cpu: False)
+        _environment._detect.cache_clear()
+        yield
+    _environment._detect.cache_clear()
+
+
+@pytest.fixture(autouse=True)
+def _real_cpu_dtype(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Give tests marked ``real_cpu_dtype`` the CPU's real bfloat16 support."""
+    if request.node.get_closest_marker("real_cpu_dtype") is None:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_probes, "cpu_bf16_supported", _REAL_CPU_BF16_SUPPORTED)
+        _environment._detect.cache_clear()
+        yield
+    _environment._detect.cache_clear()
 
 
 def _mps_usable() -> bool:

@@ -415,3 +415,31 @@ def test_a_prepared_call_gives_the_unprepared_result(sd: Any) -> None:
     looped = sd(prompts, generator=gens, **kwargs).images
     assert looped.shape == (2, 32, 32, 3)
     assert abs(looped[0] - plain).max() < 1e-3
+
+
+@pytest.mark.real_cpu_dtype
+def test_a_cpu_with_native_bfloat16_runs_the_pipeline_in_bfloat16() -> None:
+    # The real machine's detection decides; on a CPU without the instructions it is float32.
+    # Either way the auto plan's images match float32's to bfloat16's precision.
+    env = mps_helpers.detect_environment(refresh=True)
+    reference = tiny_pipeline("sd")
+    pipe = prepare_pipeline(tiny_pipeline("sd"))
+    expected = torch.bfloat16 if env.cpu_bf16_supported else torch.float32
+    assert plan_of(pipe).dtype == expected
+    assert {p.dtype for p in pipe.unet.parameters()} == {expected}
+    assert {p.dtype for p in pipe.vae.parameters()} == {expected}
+    kwargs: dict[str, Any] = {"num_inference_steps": 2, "output_type": "np"}
+    got = pipe("a red fox", generator=torch.Generator().manual_seed(0), **kwargs).images
+    want = reference("a red fox", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert got.shape == want.shape
+    assert abs(got - want).max() < (0.05 if expected == torch.bfloat16 else 1e-5)
+
+
+def test_the_bfloat16_cpu_plan_runs_on_any_cpu() -> None:
+    pipe = prepare_pipeline(tiny_pipeline("sd"), env=MACHINES["linux-cpu-bf16"], warmup=False)
+    assert plan_of(pipe).dtype == torch.bfloat16
+    assert pipe.unet.dtype == torch.bfloat16
+    images = pipe(["a", "b"], num_inference_steps=2, output_type="np").images
+    assert images.shape[0] == 2
+    assert images.min() >= 0
+    assert images.max() <= 1

@@ -26,6 +26,7 @@ EXPECTED: dict[str, dict[str, str]] = {
     "rosetta-m1": {"rosetta": "error", "low-memory": "info"},
     "linux-cuda": {"not-apple-silicon": "info"},
     "linux-cpu": {"not-apple-silicon": "info"},
+    "linux-cpu-bf16": {"not-apple-silicon": "info"},
     "windows": {"not-apple-silicon": "info"},
 }
 

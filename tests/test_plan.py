@@ -90,9 +90,14 @@ def test_device_rule(name: str) -> None:
 
 @ALL
 def test_dtype_rule(name: str) -> None:
+    env = MACHINES[name]
     result = plan(name)
-    expected = torch.float32 if result.device == "cpu" else torch.float16
-    assert result.dtype == expected
+    if result.device == "cpu":
+        # bfloat16 only where the CPU computes it natively (benchmarks: 1.76x, 0.54x memory).
+        assert result.dtype == (torch.bfloat16 if env.cpu_bf16_supported else torch.float32)
+        assert ("natively" if env.cpu_bf16_supported else "emulated") in result.reasons["dtype"]
+    else:
+        assert result.dtype == torch.float16
 
 
 @ALL
@@ -106,7 +111,25 @@ def test_dtype_rule_for_bfloat16_weights(name: str) -> None:
     elif result.device == "cuda":
         assert result.dtype == (torch.bfloat16 if env.cuda_bf16_supported else torch.float16)
     else:
-        assert result.dtype == torch.float32
+        assert result.dtype == (torch.bfloat16 if env.cpu_bf16_supported else torch.float32)
+
+
+def test_cpu_bfloat16_needs_native_instructions_and_yields_to_an_explicit_dtype() -> None:
+    native = plan("linux-cpu-bf16")
+    assert (native.dtype, native.vae_dtype) == (torch.bfloat16, torch.bfloat16)
+    assert "1.76x" in native.reasons["dtype"]
+    # bfloat16 cannot overflow where float32 would not, but the guard stays as for any half
+    # precision (it also catches NaN from elsewhere); it is cheap on the output.
+    assert native.nan_guard
+    explicit = plan("linux-cpu-bf16", dtype="float32")
+    assert explicit.dtype == torch.float32
+    assert explicit.reasons["dtype"].startswith("asked for")
+    assert not explicit.nan_guard
+    emulated = plan("linux-cpu", dtype="bfloat16")
+    assert emulated.dtype == torch.bfloat16
+    assert "no native bfloat16" in emulated.reasons["dtype"]
+    assert "no native" not in plan("linux-cpu-bf16", dtype="bfloat16").reasons["dtype"]
+    assert "1,300x" in plan("linux-cpu-bf16", dtype="float16").reasons["dtype"]
 
 
 def test_bfloat16_on_mps_follows_torch_and_macos() -> None:
@@ -476,6 +499,7 @@ SNAPSHOT_CASES = {
     "m3max-64gb-macos14": {"height": 768, "width": 768, "batch_size": 2},
     "rosetta-m1": {},
     "linux-cuda": {"batch_size": 4},
+    "linux-cpu-bf16": {"batch_size": 2},
 }
 
 

@@ -151,3 +151,49 @@ def test_memory_info_without_psutil(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_torch_info_without_torch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_probes, "package_version", lambda name: None)
     assert _probes.torch_info() == _probes.TorchInfo()
+
+
+class _FakeTorchCpu:
+    """A stand-in for ``torch.cpu`` with the given checks (True, False or raising)."""
+
+    def __init__(self, **checks: bool | Exception) -> None:
+        for name, value in checks.items():
+            setattr(self, name, self._check(value))
+
+    @staticmethod
+    def _check(value: bool | Exception) -> object:
+        def check() -> bool:
+            if isinstance(value, Exception):
+                raise value
+            return value
+
+        return check
+
+
+@pytest.mark.real_cpu_dtype
+@pytest.mark.parametrize(
+    ("checks", "expected"),
+    [
+        ({"_is_avx512_bf16_supported": True, "_is_amx_tile_supported": False}, True),
+        ({"_is_avx512_bf16_supported": False, "_is_amx_tile_supported": True}, True),
+        ({"_is_avx512_bf16_supported": False, "_is_amx_tile_supported": False}, False),
+        ({}, False),  # a torch older than the checks
+        ({"_is_avx512_bf16_supported": RuntimeError("cpuinfo failed")}, False),
+        ({"_is_avx512_bf16_supported": RuntimeError("x"), "_is_amx_tile_supported": True}, True),
+    ],
+)
+def test_cpu_bf16_supported(checks: dict[str, bool | Exception], expected: bool) -> None:
+    assert _probes.cpu_bf16_supported(_FakeTorchCpu(**checks)) is expected
+
+
+@pytest.mark.real_cpu_dtype
+def test_torch_info_reports_the_cpus_own_bfloat16_support() -> None:
+    import torch
+
+    own = any(getattr(torch.cpu, name)() for name in _probes.CPU_BF16_CHECKS)
+    assert _probes.torch_info().cpu_bf16_supported is own
+
+
+def test_other_tests_see_a_cpu_without_native_bfloat16() -> None:
+    # conftest's autouse fixture: plans made on the test machine don't depend on its CPU.
+    assert _probes.torch_info().cpu_bf16_supported is False
