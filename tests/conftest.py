@@ -1,4 +1,5 @@
-"""Shared test set-up: skip hardware-bound tests where the hardware is absent."""
+"""Shared test set-up: one torch thread, a CPU detected without native bfloat16 (unless a
+test asks for the real one), and hardware-bound tests skipped where the hardware is absent."""
 
 from __future__ import annotations
 
@@ -10,13 +11,26 @@ import pytest
 
 from mps_helpers import _environment, _probes
 
-_REAL_CPU_BF16_SUPPORTED = _probes.cpu_bf16_supported
+# ``tests/machines.py`` and the other helpers here are imported by name by the test modules.
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _threads import TEST_THREADS
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-# ``tests/machines.py`` is imported as ``machines`` by the test modules.
-sys.path.insert(0, str(Path(__file__).parent))
+_REAL_CPU_BF16_SUPPORTED = _probes.cpu_bf16_supported
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> Iterator[None]:
+    """Run every test with one torch thread (``_threads.TEST_THREADS`` says why)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(TEST_THREADS)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -116,19 +116,6 @@ MACHINES: dict[str, Environment] = {
         available_memory=22 * GiB,
         swap_used=0,
     ),
-    # This project's own CPU machine: a 2-core AMD EPYC with AVX512-BF16.
-    "linux-cpu-bf16": Environment(
-        system="Linux",
-        machine="x86_64",
-        python_machine="x86_64",
-        python_version=Version("3.11.7"),
-        torch_version=Version("2.13.0+cpu"),
-        diffusers_version=Version("0.42.1"),
-        cpu_bf16_supported=True,
-        total_memory=24 * GiB,
-        available_memory=22 * GiB,
-        swap_used=0,
-    ),
     "windows": Environment(
         system="Windows",
         machine="AMD64",
@@ -141,6 +128,10 @@ MACHINES: dict[str, Environment] = {
         swap_used=0,
     ),
 }
+
+# The same Linux box with a CPU that computes bfloat16 natively (AVX512-BF16, as this
+# project's 2-core AMD EPYC has).
+MACHINES["linux-cpu-bf16"] = MACHINES["linux-cpu"].replace(cpu_bf16_supported=True)
 
 #: Machines on which mps is usable (the library should pick mps there).
 MPS_MACHINES = [name for name, env in MACHINES.items() if env.mps_available and not env.is_rosetta]

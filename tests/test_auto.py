@@ -13,7 +13,6 @@ from mps_helpers import auto_prepare, plan_of
 from mps_helpers._auto import AutoPrepareWarning, active_options
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
     from pathlib import Path
 
 torch = pytest.importorskip("torch")
@@ -22,18 +21,6 @@ testing = pytest.importorskip("mps_helpers.testing")
 
 MPS = torch.backends.mps.is_available()
 CUDA = torch.cuda.is_available()
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    # Tiny pipelines gain nothing from intra-op threads, and where other processes load the
-    # cores, OpenMP's waiting threads made each step 50x slower (1.8 s instead of 0.03 s).
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 from _call_fakes import Spy, make_plan
-from _call_fakes import one_torch_thread as _one_thread  # noqa: F401 - autouse fixture
 
 import mps_helpers
 from mps_helpers import _call, _guards

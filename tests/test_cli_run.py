@@ -14,7 +14,6 @@ import pytest
 from mps_helpers import _cli
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
     from pathlib import Path
 
 # Imported at collection, not first inside a capsys test: diffusers' log handler keeps the
@@ -41,18 +40,6 @@ if len(sys.argv) > 1 and sys.argv[1] == "raise":
         raise LookupError("raised by the script")
     inner()
 """
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    # Tiny pipelines gain nothing from intra-op threads, and where other processes load the
-    # cores, OpenMP's waiting threads made each step 50x slower (1.8 s instead of 0.03 s).
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

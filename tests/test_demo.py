@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from typing import TYPE_CHECKING
 
 import pytest
+from _threads import one_thread_env
 
 from mps_helpers import _cli
 from mps_helpers._plan import DECISIONS
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
     from pathlib import Path
 
 testing = pytest.importorskip("mps_helpers.testing")
@@ -22,23 +21,6 @@ testing = pytest.importorskip("mps_helpers.testing")
 pytest.importorskip("diffusers")
 Image = pytest.importorskip("PIL.Image")
 np = pytest.importorskip("numpy")
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    # Tiny pipelines gain nothing from intra-op threads, and where other processes load the
-    # cores, OpenMP's waiting threads made each step 50x slower (1.8 s instead of 0.03 s).
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def one_thread_env() -> dict[str, str]:
-    """Return this environment with torch on one thread unless the user chose (see above)."""
-    return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 
 
 def pixels(path: Path) -> object:

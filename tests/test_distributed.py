@@ -17,7 +17,7 @@ import pickle
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,9 +29,6 @@ from mps_helpers._distributed import collect, launched_processes, share_kwargs
 from mps_helpers._errors import BatchError, DistributedGenerationError
 from mps_helpers.testing import tiny_pipeline
 
-if TYPE_CHECKING:
-    from collections.abc import Iterator
-
 HERE = Path(__file__).parent
 TOLERANCE = 1e-4
 PROMPTS = ["a red cube", "a blue ball", "a green cone", "a cat", "a dog"]
@@ -39,15 +36,6 @@ NEGATIVE = ["blurry", "dark", "noisy", "flat", "grey"]
 SIZE: dict[str, Any] = {"height": 32, "width": 32, "num_inference_steps": 2}
 SEED = 100  # the worker's seeds: image i uses SEED + i
 LAUNCH_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # The tiny pipelines are bound by per-op overhead on a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

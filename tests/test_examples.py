@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import runpy
 import subprocess
 import sys
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
+from _threads import one_thread_env
 
 from mps_helpers import _cli
 from mps_helpers._auto import AutoPrepareWarning
@@ -21,27 +21,8 @@ Image = pytest.importorskip("PIL.Image")
 # stderr it was created with, and a test's captured stderr is closed after the test.
 pytest.importorskip("diffusers")
 
-if TYPE_CHECKING:
-    from collections.abc import Iterator
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    # Tiny pipelines gain nothing from intra-op threads, and where other processes load the
-    # cores, OpenMP's waiting threads made each step 50x slower (1.8 s instead of 0.03 s).
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def one_thread_env() -> dict[str, str]:
-    """Return this environment with torch on one thread unless the user chose (see above)."""
-    return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 
 
 def example(name: str) -> dict[str, Any]:

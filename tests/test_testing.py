@@ -16,7 +16,6 @@ from mps_helpers import testing
 from mps_helpers.testing import KINDS, save_tiny_pipeline, tiny_pipeline
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
     from pathlib import Path
 
 EXPECTED_CLASSES = {
@@ -43,16 +42,6 @@ LONG_PROMPT = (
     "a photo of an astronaut riding a horse on mars, highly detailed, ünïcödé, 宇宙飛行士, "
     "emoji \N{ROCKET}, tabs\tand\nnewlines, " * 6
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    # These models are tiny, so a second thread buys little; on a CPU shared with other jobs
-    # two OpenMP threads contend and this file ran 8x slower (189 s against 22 s, load ~10).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def call_inputs(kind: str, *, prompt: str = PROMPT) -> dict[str, Any]:

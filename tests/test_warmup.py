@@ -12,7 +12,6 @@ import pytest
 import torch
 from _call_fakes import Spy
 from _call_fakes import make_plan as _make_plan
-from _call_fakes import one_torch_thread as _one_thread  # noqa: F401 - autouse fixture
 
 import mps_helpers
 from mps_helpers import _warmup
