@@ -80,6 +80,34 @@ class Cell:
         """Return the cell's fields."""
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_label(cls, label: str, *, size: int, images: int) -> Cell:
+        """Return the cell a label names: ``auto`` or ``bf16 sdpa batch vae-off``."""
+        if label == "auto":
+            return cls(setup="auto", size=size, images=images)
+        dtypes = {short: name for name, short in SHORT_DTYPE.items()}
+        parts = label.split()
+        if (
+            len(parts) != 4
+            or parts[0] not in dtypes
+            or parts[1] not in ATTENTIONS
+            or parts[2] not in ("batch", "loop")
+            or parts[3] not in ("vae-off", "vae-slice")
+        ):
+            raise ValueError(
+                f"not a cell label: {label!r}; expected 'auto' or "
+                f"'{{{','.join(dtypes)}}} {{{','.join(ATTENTIONS)}}} {{batch,loop}} "
+                "{vae-off,vae-slice}'"
+            )
+        return cls(
+            dtype=dtypes[parts[0]],
+            attention=parts[1],
+            prompts=parts[2],
+            vae_slicing=parts[3] == "vae-slice",
+            size=size,
+            images=images,
+        )
+
 
 def grid_cells(
     *,

@@ -12,6 +12,7 @@ Usage::
 
     python tests/benchmarks/grid_cpu.py                      # ~20 min on 2 idle cores
     python tests/benchmarks/grid_cpu.py --quick              # tiny pipeline, seconds
+    python tests/benchmarks/grid_cpu.py --head-to-head auto "bf16 sdpa batch vae-off"
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import _common
 import _grid
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = ["main", "probe_dtypes", "run"]
 
@@ -148,6 +152,27 @@ def _cells(
     return cells, skipped
 
 
+def _document(**settings: Any) -> dict[str, Any]:
+    """Return a new results document: this machine, the settings (with the thread count)."""
+    threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or None
+    return {
+        "machine": _common.machine_info("cpu"),
+        "settings": {**settings, "threads": threads},
+        "records": [],
+    }
+
+
+def _keeper(doc: dict[str, Any], out: Path) -> Callable[[dict[str, Any]], None]:
+    """Return an ``on_record`` that adds each record, with the load average, and saves."""
+
+    def keep(record: dict[str, Any]) -> None:
+        record["loadavg"] = os.getloadavg()[0]
+        doc["records"].append(record)
+        _common.write_json(out, doc)
+
+    return keep
+
+
 def run(
     *,
     kind: str,
@@ -166,21 +191,16 @@ def run(
     """Probe, run the cells, summarise; return the document written to ``out``."""
     deadline = time.monotonic() + 60 * budget_min
     model = _common.save_pipeline(kind, models / kind)
-    doc: dict[str, Any] = {
-        "machine": _common.machine_info("cpu"),
-        "settings": {
-            "kind": kind,
-            "size": size,
-            "steps": steps,
-            "images": images,
-            "repeats": 1,
-            "warmup_steps": 0,
-            "isolated": isolate,
-            "dominated_above": dominated,
-            "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None,
-        },
-        "records": [],
-    }
+    doc = _document(
+        kind=kind,
+        size=size,
+        steps=steps,
+        images=images,
+        repeats=1,
+        warmup_steps=0,
+        isolated=isolate,
+        dominated_above=dominated,
+    )
     if reuse_probe is not None:
         probe = _common.read_json(reuse_probe)["dtype_probe"]
     elif len(dtypes) > 1 and isolate:
@@ -192,11 +212,6 @@ def run(
     doc["skipped"] = skipped
     _common.write_json(out, doc)
 
-    def keep(record: dict[str, Any]) -> None:
-        record["loadavg"] = os.getloadavg()[0]
-        doc["records"].append(record)
-        _common.write_json(out, doc)
-
     _grid.run_cells(
         cells,
         model=model,
@@ -205,7 +220,7 @@ def run(
         warmup_steps=0,
         repeats=1,
         isolate=isolate,
-        on_record=keep,
+        on_record=_keeper(doc, out),
         deadline=deadline,
     )
     doc["summary"] = _grid.summarize(doc["records"] + skipped, size=size)
@@ -250,6 +265,59 @@ def run(
     return doc
 
 
+def head_to_head(
+    labels: list[str],
+    *,
+    kind: str,
+    size: int,
+    steps: int,
+    images: int,
+    rounds: int,
+    out: Path,
+    models: Path,
+) -> dict[str, Any]:
+    """Run the named cells in alternating order (A B C, then C B A, ...), each in a fresh
+    process, and return the records with each cell's medians against the first cell.
+
+    Alternating cancels a drift in the machine's load between early and late cells; the
+    fresh process gives each cell its own peak RSS.
+    """
+    cells = [_grid.Cell.from_label(label, size=size, images=images) for label in labels]
+    model = _common.save_pipeline(kind, models / kind)
+    doc = _document(
+        kind=kind, size=size, steps=steps, images=images, rounds=rounds, order="alternating"
+    )
+
+    for i in range(rounds):
+        _grid.run_cells(
+            cells if i % 2 == 0 else cells[::-1],
+            model=model,
+            device="cpu",
+            steps=steps,
+            warmup_steps=0,
+            repeats=1,
+            isolate=True,
+            on_record=_keeper(doc, out),
+        )
+    medians: dict[str, dict[str, float]] = {}
+    for cell in cells:
+        got = [r for r in doc["records"] if r["key"] == cell.key and "s_per_image" in r]
+        if got:
+            medians[cell.key] = {
+                key: _common.median([r[key] for r in got if r.get(key) is not None])
+                for key in ("s_per_image", "cpu_s_per_image", "peak_gib")
+                if any(r.get(key) is not None for r in got)
+            }
+    first = medians.get(cells[0].key)
+    if first:
+        for values in medians.values():
+            values["speed_vs_first"] = first["s_per_image"] / values["s_per_image"]
+            values["peak_vs_first"] = values["peak_gib"] / first["peak_gib"]
+    doc["medians"] = medians
+    _common.write_json(out, doc)
+    return doc
+
+
 def report(doc: dict[str, Any]) -> str:
     """Return the run's tables and summary as text."""
     size = doc["settings"]["size"]
@@ -280,6 +348,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--models", type=Path, default=_common.RESULTS / "models")
     parser.add_argument("--reuse-probe", type=Path, help="a grid JSON whose dtype probe to reuse")
+    parser.add_argument(
+        "--head-to-head",
+        nargs="+",
+        metavar="LABEL",
+        help="only these cells ('auto', 'bf16 sdpa batch vae-off', ...), in alternating order",
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="head-to-head rounds")
     parser.add_argument("--probe-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.probe_child:
@@ -288,6 +363,20 @@ def main(argv: list[str] | None = None) -> int:
     # The plan logs every decision at INFO: the JSON keeps the plan, the console needs less.
     logging.getLogger("mps_helpers").setLevel(logging.WARNING)
     quick = args.quick
+    if args.head_to_head:
+        doc = head_to_head(
+            args.head_to_head,
+            kind="tiny" if quick else "sd15",
+            size=args.size or (64 if quick else 512),
+            steps=args.steps,
+            images=args.images,
+            rounds=args.rounds,
+            out=args.out or _common.RESULTS / "grid-cpu-h2h.json",
+            models=args.models,
+        )
+        print(_grid.table(doc["records"], size=doc["settings"]["size"]))
+        print(json.dumps(doc["medians"], indent=1))
+        return 0
     doc = run(
         kind="tiny" if quick else "sd15",
         size=args.size or (64 if quick else 512),

@@ -5,8 +5,9 @@ What ``nox -s bench`` runs. It detects the machine:
 - a Mac with a usable mps device: library cost, then the grid, first-call and attention
   parts of ``grid_cuda.py`` on mps (smaller settings: 10 steps, 2 prompts, fp32 and fp16);
 - a CUDA machine: library cost and every part of ``grid_cuda.py``;
-- otherwise the CPU: library cost, ``grid_cpu.py`` (each cell in a fresh process) and the
-  attention engineer's ``attention_memory.py`` at 512 and 768 px.
+- otherwise the CPU: library cost, ``cpu_dtype.py`` (float32 against bfloat16, with and
+  without the CPU's bfloat16 instructions), ``grid_cpu.py`` (each cell in a fresh process)
+  and the attention engineer's ``attention_memory.py`` at 512 and 768 px.
 
 Results go to ``bench-results/`` (JSON) and ``bench-results/plots/`` (PNG). ``--quick`` uses
 the tiny pipeline with tiny settings (well under two minutes on a CPU): it checks that the
@@ -32,7 +33,7 @@ __all__ = ["main"]
 
 log = logging.getLogger("bench")
 
-SECTIONS = ("library", "grid", "attention", "firstcall")
+SECTIONS = ("library", "dtype", "grid", "attention", "firstcall")
 
 
 def _quick(out: Path, skip: set[str]) -> None:
@@ -115,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if "library" not in skip:
         library_cost.main(["--device", "cpu", "--out", str(out / "library-cpu.json")])
+    if "dtype" not in skip:
+        import cpu_dtype
+
+        # AVX2's emulated bfloat16 conv takes a minute a run: left to a run by hand.
+        cpu_dtype.main(["--out", str(out), "--settings", "as is", "AVX-512 without BF16"])
     if "grid" not in skip:
         import grid_cpu
 
