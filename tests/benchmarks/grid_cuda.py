@@ -29,13 +29,23 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import _common
 import _grid
 import library_cost
 
-__all__ = ["attention_part", "firstcall_part", "grid_part", "library_part", "main"]
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+__all__ = [
+    "attention_part",
+    "confirm_summary",
+    "firstcall_part",
+    "grid_part",
+    "library_part",
+    "main",
+]
 
 log = logging.getLogger("bench.accelerator")
 
@@ -208,12 +218,15 @@ def _allocated(device: str) -> int:
 
 
 def confirm_cells(
-    settings: Settings, records: list[dict[str, Any]] | None = None
+    settings: Settings,
+    records: list[dict[str, Any]] | None = None,
+    extra: Sequence[str] = (),
 ) -> list[_grid.Cell]:
     """Return the head-to-head's contenders: ``auto`` and the grid's three fastest cells.
 
     Without grid records (the grid not run here), the usual leaders on CUDA: float16 and
     bfloat16 with SDPA in a batch, with and without VAE slicing, and the safe processor.
+    ``extra`` adds cells by label (``fp16 sdpa batch vae-off``) at the main size.
     """
     s = settings
     sizes = [size for size in (s.size, s.big) if size is not None]
@@ -241,6 +254,10 @@ def confirm_cells(
             for d in dtypes
             for a, v in (("sdpa", True), ("sdpa", False), ("safe", False))
         ]
+    for label in extra:
+        cell = _grid.Cell.from_label(label, size=s.size, images=s.images)
+        if cell not in cells:
+            cells.append(cell)
     return cells
 
 
@@ -252,6 +269,7 @@ def confirm_part(
     *,
     rounds: int = 8,
     records: list[dict[str, Any]] | None = None,
+    extra: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Time ``auto`` and the leading cells in turn, all loaded at once; write the JSON file.
 
@@ -269,7 +287,7 @@ def confirm_part(
         "contenders": [],
     }
     entries: list[dict[str, Any]] = []
-    for cell in confirm_cells(s, records):
+    for cell in confirm_cells(s, records, extra):
         before = _allocated(s.device)
         pipe = _common.load_pipeline(model)
         plan = None
@@ -317,29 +335,48 @@ def confirm_part(
         )
     entries.clear()
     _common.empty_cache(s.device)
-    doc["summary"] = {}
-    for size in (s.size, s.big):
-        if size is None:
-            continue
-        mine = [c for c in doc["contenders"] if c["cell"]["size"] == size and c["s_per_image"]]
+    doc["summary"] = confirm_summary(doc["contenders"], [s.size, s.big])
+    _common.write_json(path, doc)
+    rows = [
+        [c["key"], c["s_per_image"], c["peak_gib"], c.get("auto_speed_vs"), len(c["seconds"])]
+        for c in doc["contenders"]
+    ]
+    print(_common.md_table(["contender", "s/image", "peak GiB", "auto speed vs", "rounds"], rows))
+    print(json.dumps(doc["summary"], indent=1), flush=True)
+    return doc
+
+
+def confirm_summary(
+    contenders: list[dict[str, Any]], sizes: Sequence[int | None]
+) -> dict[str, Any]:
+    """Return, per size, how ``auto`` compares with the hand-set cell it trails most.
+
+    The rounds are paired: each contender ran once per round, so slow spells on a shared
+    host land on all of them alike. ``auto_speed_vs`` (added to each hand-set contender) is
+    the median over rounds of the contender's time over ``auto``'s in the same round: below
+    1 the contender is faster. The ratio of the plain medians is kept alongside.
+    """
+    summary: dict[str, Any] = {}
+    for size in sizes:
+        mine = [c for c in contenders if c["cell"]["size"] == size and c["s_per_image"]]
         auto = next((c for c in mine if c["cell"]["setup"] == "auto"), None)
         hand = [c for c in mine if c["cell"]["setup"] != "auto"]
         if auto is None or not hand:
             continue
-        best = min(hand, key=lambda c: c["s_per_image"])
-        doc["summary"][str(size)] = {
+        for c in hand:
+            pairs = zip(c["seconds"], auto["seconds"], strict=False)
+            c["auto_speed_vs"] = _common.median([theirs / ours for theirs, ours in pairs])
+        best = min(hand, key=lambda c: c["auto_speed_vs"])
+        fastest = min(hand, key=lambda c: c["s_per_image"])
+        summary[str(size)] = {
             "best": best["key"],
             "auto_plan": _grid._plan_brief(auto["plan"] or {}),
-            "auto_speed_vs_best": best["s_per_image"] / auto["s_per_image"],
+            "auto_speed_vs_best": best["auto_speed_vs"],
             "auto_peak_vs_best": auto["peak_gib"] / best["peak_gib"],
+            "fastest_by_median": fastest["key"],
+            "auto_speed_vs_fastest_by_medians": fastest["s_per_image"] / auto["s_per_image"],
         }
-    _common.write_json(path, doc)
-    rows = [
-        [c["key"], c["s_per_image"], c["peak_gib"], len(c["seconds"])] for c in doc["contenders"]
-    ]
-    print(_common.md_table(["contender", "s/image", "peak GiB", "rounds"], rows))
-    print(json.dumps(doc["summary"], indent=1), flush=True)
-    return doc
+    return summary
 
 
 def attention_part(settings: Settings, out: Path, deadline: float) -> dict[str, Any]:
@@ -545,10 +582,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid-budget-s", type=float, default=None, help="for the grid part")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per grid cell")
     parser.add_argument("--rounds", type=int, default=8, help="rounds of the head-to-head")
+    parser.add_argument(
+        "--cells",
+        nargs="+",
+        default=[],
+        metavar="LABEL",
+        help="more head-to-head contenders, e.g. 'fp16 sdpa batch vae-off'",
+    )
     parser.add_argument("--firstcall-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.firstcall_child:
         return _firstcall_child(args.firstcall_child)
+    for label in args.cells:
+        try:
+            _grid.Cell.from_label(label, size=1, images=1)
+        except ValueError as error:
+            parser.error(str(error))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     # The plan logs every decision at INFO: the JSON keeps the plan, the console needs less.
     logging.getLogger("mps_helpers").setLevel(logging.WARNING)
@@ -571,7 +620,15 @@ def main(argv: list[str] | None = None) -> int:
     elif (args.out / f"grid-{device}.json").exists():
         records = _common.read_json(args.out / f"grid-{device}.json")["records"]
     if "confirm" in args.parts and model is not None:
-        confirm_part(settings, args.out, model, deadline, rounds=args.rounds, records=records)
+        confirm_part(
+            settings,
+            args.out,
+            model,
+            deadline,
+            rounds=args.rounds,
+            records=records,
+            extra=args.cells,
+        )
     if "attention" in args.parts:
         attention_part(settings, args.out, deadline)
     if "firstcall" in args.parts and model is not None:
