@@ -1,7 +1,8 @@
 """Plot the benchmark results: time per image and peak memory per configuration, auto marked.
 
 Reads the JSON files that the other scripts write (``grid-<device>.json``,
-``attention-<device>.json``) from ``--results`` and writes small PNG files to ``--out``.
+``attention-<device>.json``, the head-to-heads ``confirm-<device>.json`` and
+``grid-cpu-h2h.json``) from ``--results`` and writes small PNG files to ``--out``.
 matplotlib is a benchmark-only dependency (the ``bench`` extra); the Agg backend needs no
 display. Usage::
 
@@ -18,7 +19,14 @@ from typing import Any
 
 import _common
 
-__all__ = ["attention_figure", "grid_figure", "main", "plot_all"]
+__all__ = [
+    "attention_figure",
+    "grid_figure",
+    "head_to_head_figure",
+    "head_to_head_rows",
+    "main",
+    "plot_all",
+]
 
 log = logging.getLogger("bench.plots")
 
@@ -55,7 +63,6 @@ def grid_figure(doc: dict[str, Any], size: int, path: Path, *, title: str) -> Pa
     rows = _grid_rows(doc, size)
     if not rows:
         return None
-    plt = _pyplot()
     images = rows[0]["cell"]["images"]
     naive = _grid.naive_cell(size, images).key
     source = _grid.source_cell(size, images).key
@@ -76,7 +83,7 @@ def grid_figure(doc: dict[str, Any], size: int, path: Path, *, title: str) -> Pa
             pass
         elif r["cell"]["setup"] == "auto":
             before = "AUTO before the change: " if now else "AUTO: "
-            label = before + _grid._plan_brief(r.get("plan", {})).replace("vae-slicing ", "vae ")
+            label = before + _plan_label(r.get("plan"))
             colours.append(AUTO)
         elif r is best:
             colours.append(BEST)
@@ -85,24 +92,6 @@ def grid_figure(doc: dict[str, Any], size: int, path: Path, *, title: str) -> Pa
         else:
             colours.append(OTHER)
         labels.append(label)
-    height = max(2.5, 0.22 * len(rows) + 1.2)
-    fig, (ax_t, ax_m) = plt.subplots(
-        1, 2, figsize=(10, height), sharey=True, gridspec_kw={"width_ratios": [1.3, 1]}
-    )
-    y = list(range(len(rows)))
-    ax_t.barh(y, [r["s_per_image"] for r in rows], color=colours)
-    ax_m.barh(y, [r["peak_gib"] for r in rows], color=colours)
-    ax_t.set_yticks(y, labels, fontsize=7)
-    ax_t.invert_yaxis()
-    ax_t.set_xlabel("seconds per image (lower is better)", fontsize=8)
-    ax_m.set_xlabel("peak memory, GiB (lower is better)", fontsize=8)
-    for ax in (ax_t, ax_m):
-        ax.tick_params(axis="x", labelsize=7)
-        ax.grid(axis="x", alpha=0.3)
-    for tick, colour in zip(ax_t.get_yticklabels(), colours, strict=True):
-        if colour in (AUTO, AUTO_NOW):
-            tick.set_color(colour)
-            tick.set_fontweight("bold")
     from matplotlib.patches import Patch
 
     legend = [
@@ -112,6 +101,42 @@ def grid_figure(doc: dict[str, Any], size: int, path: Path, *, title: str) -> Pa
     ]
     if now:
         legend.insert(1, Patch(color=AUTO_NOW, label="the setup the changed plan picks"))
+    return _bars(rows, labels, colours, legend, path, title=title)
+
+
+def _bars(
+    rows: list[dict[str, Any]],
+    labels: list[str],
+    colours: list[str],
+    legend: list[Any],
+    path: Path,
+    *,
+    title: str,
+    time_label: str = "seconds per image (lower is better)",
+    time_key: str = "s_per_image",
+) -> Path:
+    """Draw two bar charts side by side, time and peak memory, one bar per row; save."""
+    plt = _pyplot()
+    height = max(2.5, 0.22 * len(rows) + 1.2)
+    fig, (ax_t, ax_m) = plt.subplots(
+        1, 2, figsize=(10, height), sharey=True, gridspec_kw={"width_ratios": [1.3, 1]}
+    )
+    y = list(range(len(rows)))
+    ax_t.barh(y, [r[time_key] for r in rows], color=colours)
+    if time_key == "time_vs_auto":
+        ax_t.axvline(1.0, color="black", linewidth=0.6)
+    ax_m.barh(y, [r["peak_gib"] for r in rows], color=colours)
+    ax_t.set_yticks(y, labels, fontsize=7)
+    ax_t.invert_yaxis()
+    ax_t.set_xlabel(time_label, fontsize=8)
+    ax_m.set_xlabel("peak memory, GiB (lower is better)", fontsize=8)
+    for ax in (ax_t, ax_m):
+        ax.tick_params(axis="x", labelsize=7)
+        ax.grid(axis="x", alpha=0.3)
+    for tick, colour in zip(ax_t.get_yticklabels(), colours, strict=True):
+        if colour in (AUTO, AUTO_NOW):
+            tick.set_color(colour)
+            tick.set_fontweight("bold")
     fig.legend(handles=legend, fontsize=7, loc="lower center", ncol=len(legend), frameon=False)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0.5 / height, 1, 1))
@@ -119,6 +144,77 @@ def grid_figure(doc: dict[str, Any], size: int, path: Path, *, title: str) -> Pa
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
+
+
+def head_to_head_rows(doc: dict[str, Any]) -> dict[int, list[dict[str, Any]]]:
+    """Return a head-to-head run's contenders per image size, fastest relative to auto first.
+
+    Reads both formats: ``grid_cuda.py --parts confirm`` (``contenders``, with the paired
+    ``auto_speed_vs``: the median over rounds of a contender's time over auto's) and
+    ``grid_cpu.py --head-to-head`` (``medians`` by cell key). Each row gains
+    ``time_vs_auto``: the paired figure where there is one, else the ratio of medians.
+    """
+    if "contenders" in doc:
+        items = [dict(c) for c in doc["contenders"] if c.get("s_per_image")]
+    else:
+        records = {r["key"]: r for r in doc.get("records", [])}
+        items = [
+            {"key": key, "cell": records[key]["cell"], "plan": records[key].get("plan"), **m}
+            for key, m in doc.get("medians", {}).items()
+            if key in records
+        ]
+    by_size: dict[int, list[dict[str, Any]]] = {}
+    for item in items:
+        by_size.setdefault(item["cell"]["size"], []).append(item)
+    result = {}
+    for size, rows in sorted(by_size.items()):
+        auto = next((r for r in rows if r["cell"]["setup"] == "auto"), None)
+        if auto is None:
+            continue
+        for r in rows:
+            paired = r.get("auto_speed_vs")
+            r["time_vs_auto"] = paired or r["s_per_image"] / auto["s_per_image"]
+        result[size] = sorted(rows, key=lambda r: r["time_vs_auto"])
+    return result
+
+
+def head_to_head_figure(rows: list[dict[str, Any]], path: Path, *, title: str) -> Path | None:
+    """Draw a head-to-head's contenders against auto (red); the fastest other in green."""
+    if not rows:
+        return None
+    best = _first_manual(rows)
+    labels, colours = [], []
+    for r in rows:
+        if r["cell"]["setup"] == "auto":
+            labels.append("AUTO: " + _plan_label(r.get("plan")))
+            colours.append(AUTO)
+        else:
+            labels.append(r["key"].rsplit(" ", 1)[0])
+            colours.append(BEST if r is best else OTHER)
+    from matplotlib.patches import Patch
+
+    legend = [
+        Patch(color=AUTO, label="auto plan (prepare_pipeline defaults)"),
+        Patch(color=BEST, label="fastest hand-set contender"),
+    ]
+    paired = any("auto_speed_vs" in r for r in rows)
+    how = "median of per-round ratios" if paired else "ratio of medians"
+    return _bars(
+        rows,
+        labels,
+        colours,
+        legend,
+        path,
+        title=title,
+        time_label=f"time per image / auto's ({how}; under 1 is faster)",
+        time_key="time_vs_auto",
+    )
+
+
+def _plan_label(plan: dict[str, Any] | None) -> str:
+    import _grid
+
+    return str(_grid._plan_brief(plan or {})).replace("vae-slicing ", "vae ")
 
 
 def _first_manual(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -213,6 +309,8 @@ def plot_all(results: Path, out: Path) -> list[Path]:
     """Plot every result file found in ``results``; return the PNG files written."""
     written: list[Path] = []
     for path in sorted(results.glob("grid-*.json")):
+        if path.stem.endswith("-h2h"):
+            continue
         doc = _common.read_json(path)
         device = path.stem.removeprefix("grid-")
         settings = doc.get("settings", {})
@@ -225,6 +323,19 @@ def plot_all(results: Path, out: Path) -> list[Path]:
                 f"({_where(doc['machine'])})"
             )
             png = grid_figure(doc, size, out / f"grid-{device}-{size}.png", title=title)
+            if png:
+                written.append(png)
+    for path in [*sorted(results.glob("confirm-*.json")), *sorted(results.glob("*-h2h.json"))]:
+        doc = _common.read_json(path)
+        device = doc.get("machine", {}).get("device", "device")
+        settings = doc.get("settings", {})
+        for size, rows in head_to_head_rows(doc).items():
+            title = (
+                f"{device} head-to-head: {settings.get('kind', '')} pipeline, {size} px, "
+                f"{settings.get('steps')} steps, {rows[0]['cell']['images']} image(s) per job "
+                f"({_where(doc['machine'])})"
+            )
+            png = head_to_head_figure(rows, out / f"h2h-{device}-{size}.png", title=title)
             if png:
                 written.append(png)
     for path in sorted(results.glob("attention-*.json")):

@@ -50,6 +50,15 @@ def _quick(out: Path, skip: set[str]) -> None:
         grid_cpu.main(
             ["--quick", "--out", str(out / "grid-cpu.json"), "--models", str(out / "models")]
         )
+        # The accelerator head-to-head's code path, on the CPU: auto against the quick
+        # grid's leaders (read from grid-cpu.json in ``out``) and one named cell.
+        grid_cuda.main(
+            [
+                *("--device", "cpu", "--quick", "--parts", "confirm", "--rounds", "2"),
+                *("--out", str(out), "--models", str(out / "models")),
+                *("--cells", "fp32 sdpa batch vae-slice"),
+            ]
+        )
     if "attention" not in skip:
         settings = grid_cuda.Settings(quick=True, device="cpu")
         grid_cuda.attention_part(settings, out, time.monotonic() + 60)
