@@ -73,26 +73,41 @@ def check_half_precision_plan_gives_finite_images(pipe: Any, dtype: torch.dtype)
     assert np.isfinite(images).all()
 
 
-# The checks on this machine's CPU ---------------------------------------------------------
+#: Every check on every device; the marked ones are skipped where that device is absent.
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("mps", marks=pytest.mark.mac, id="mps"),
+    pytest.param("cuda", marks=pytest.mark.cuda, id="cuda"),
+]
+#: The half-precision dtype each device's plan uses: bfloat16 is asked for on the CPU (the
+#: tests see a CPU without native bfloat16, where the plan keeps float32).
+HALF = {"cpu": ("bfloat16", torch.bfloat16), "mps": ("auto", torch.float16)}
+HALF["cuda"] = HALF["mps"]
 
 
-def test_the_safe_attention_check_passes_on_the_cpu() -> None:
-    check_safe_attention_equals_the_default("cpu")
+@pytest.mark.parametrize("device", DEVICES)
+def test_safe_attention_equals_the_default(device: str) -> None:
+    check_safe_attention_equals_the_default(device)
 
 
-def test_the_loop_check_passes_on_the_cpu() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_looped_batch_equals_the_prompts_one_by_one(device: str) -> None:
     pipe = mps_helpers.prepare_pipeline(
-        tiny_pipeline("sd"), device="cpu", dtype="float32", batch_to_loop=True
+        tiny_pipeline("sd"), device=device, dtype="float32", batch_to_loop=True
     )
+    assert pipe.device.type == device
     check_prepared_loop_equals_calls_one_by_one(pipe)
 
 
-def test_the_finite_images_check_passes_on_the_cpu() -> None:
-    pipe = mps_helpers.prepare_pipeline(tiny_pipeline("sd"), device="cpu", dtype="bfloat16")
-    check_half_precision_plan_gives_finite_images(pipe, torch.bfloat16)
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_half_precision_plan_gives_finite_images(device: str) -> None:
+    asked, dtype = HALF[device]
+    pipe = mps_helpers.prepare_pipeline(tiny_pipeline("sd"), device=device, dtype=asked)
+    assert pipe.device.type == device
+    check_half_precision_plan_gives_finite_images(pipe, dtype)
 
 
-# A real Mac ---------------------------------------------------------------------------------
+# The machine itself ---------------------------------------------------------------------------
 
 
 @pytest.mark.mac
@@ -118,28 +133,6 @@ def test_this_mac_is_detected_and_planned_for_mps() -> None:
     assert plan.attention_slicing is (env.total_memory < 64 * GiB)
 
 
-@pytest.mark.mac
-def test_safe_attention_on_mps_equals_the_default() -> None:
-    check_safe_attention_equals_the_default("mps")
-
-
-@pytest.mark.mac
-def test_a_looped_batch_on_mps_equals_the_prompts_one_by_one() -> None:
-    pipe = mps_helpers.prepare_pipeline(tiny_pipeline("sd"), dtype="float32", batch_to_loop=True)
-    assert pipe.device.type == "mps"
-    check_prepared_loop_equals_calls_one_by_one(pipe)
-
-
-@pytest.mark.mac
-def test_the_automatic_plan_on_mps_gives_finite_images() -> None:
-    pipe = mps_helpers.prepare_pipeline(tiny_pipeline("sd"))
-    assert pipe.device.type == "mps"
-    check_half_precision_plan_gives_finite_images(pipe, torch.float16)
-
-
-# A CUDA GPU ---------------------------------------------------------------------------------
-
-
 @pytest.mark.cuda
 def test_this_gpu_is_planned_for_cuda_in_float16() -> None:
     env = mps_helpers.detect_environment(refresh=True)
@@ -150,22 +143,3 @@ def test_this_gpu_is_planned_for_cuda_in_float16() -> None:
     # Slicing and looping cost 1.8-4x on CUDA: never automatic there.
     assert not plan.attention_slicing
     assert not plan.batch_to_loop
-
-
-@pytest.mark.cuda
-def test_safe_attention_on_cuda_equals_the_default() -> None:
-    check_safe_attention_equals_the_default("cuda")
-
-
-@pytest.mark.cuda
-def test_a_looped_batch_on_cuda_equals_the_prompts_one_by_one() -> None:
-    pipe = mps_helpers.prepare_pipeline(tiny_pipeline("sd"), dtype="float32", batch_to_loop=True)
-    assert pipe.device.type == "cuda"
-    check_prepared_loop_equals_calls_one_by_one(pipe)
-
-
-@pytest.mark.cuda
-def test_the_automatic_plan_on_cuda_gives_finite_images() -> None:
-    pipe = mps_helpers.prepare_pipeline(tiny_pipeline("sd"))
-    assert pipe.device.type == "cuda"
-    check_half_precision_plan_gives_finite_images(pipe, torch.float16)
