@@ -3,6 +3,7 @@ test asks for the real one), and hardware-bound tests skipped where the hardware
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,9 +18,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _threads import TEST_THREADS
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
 _REAL_CPU_BF16_SUPPORTED = _probes.cpu_bf16_supported
+
+
+@contextlib.contextmanager
+def _cpu_bf16_probe(probe: Callable[[object], bool]) -> Iterator[None]:
+    """Detect the CPU's bfloat16 support with ``probe`` inside, fresh on entry and exit."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_probes, "cpu_bf16_supported", probe)
+        _environment._detect.cache_clear()
+        yield
+    _environment._detect.cache_clear()
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -43,11 +54,8 @@ def _cpu_without_native_bfloat16() -> Iterator[None]:
     tested on the fake ``linux-cpu-bf16`` machine and, for real, under ``real_cpu_dtype``.
     Session-scoped, so that module-scoped fixtures see it too.
     """
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_probes, "cpu_bf16_supported", lambda torch_cpu: False)
-        _environment._detect.cache_clear()
+    with _cpu_bf16_probe(lambda torch_cpu: False):
         yield
-    _environment._detect.cache_clear()
 
 
 @pytest.fixture(autouse=True)
@@ -56,11 +64,8 @@ def _real_cpu_dtype(request: pytest.FixtureRequest) -> Iterator[None]:
     if request.node.get_closest_marker("real_cpu_dtype") is None:
         yield
         return
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_probes, "cpu_bf16_supported", _REAL_CPU_BF16_SUPPORTED)
-        _environment._detect.cache_clear()
+    with _cpu_bf16_probe(_REAL_CPU_BF16_SUPPORTED):
         yield
-    _environment._detect.cache_clear()
 
 
 def _mps_usable() -> bool:
