@@ -36,6 +36,7 @@ from mps_helpers._plan import (
     upcasts_vae_itself,
     validate_options,
 )
+from mps_helpers._util import dtype_name, module_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -247,14 +248,6 @@ def _modules(pipe: Any) -> dict[str, Any]:
     }
 
 
-def _module_dtype(module: Any) -> torch.dtype | None:
-    for param in module.parameters():
-        if param.is_floating_point():
-            dtype: torch.dtype = param.dtype
-            return dtype
-    return None
-
-
 def _module_device(module: Any) -> torch.device | None:
     for param in module.parameters():
         device: torch.device = param.device
@@ -278,7 +271,7 @@ def _state_matches(pipe: Any, plan: Plan) -> bool:
         return False
     device = _module_device(denoiser)
     return (
-        device is not None and device.type == plan.device and _module_dtype(denoiser) == plan.dtype
+        device is not None and device.type == plan.device and module_dtype(denoiser) == plan.dtype
     )
 
 
@@ -293,7 +286,7 @@ def _move_and_cast(pipe: Any, plan: Plan) -> None:
         logger.info("%s: moved to %s", _name(pipe), plan.device)
     for name, module in _modules(pipe).items():
         target = plan.vae_dtype if name == "vae" else plan.dtype
-        current = _module_dtype(module)
+        current = module_dtype(module)
         if current is None or current == target:
             continue
         if _is_quantized(module):
@@ -318,7 +311,7 @@ class _CastInputs:
     def __call__(self, module: Any, args: tuple[Any, ...], kwargs: Any = None) -> Any:
         import torch
 
-        target = _module_dtype(module)
+        target = module_dtype(module)
         if self.record:
             first = next((a for a in args if isinstance(a, torch.Tensor)), None)
             if first is not None and first.is_floating_point():
@@ -489,7 +482,7 @@ class _Snapshot:
     def take(cls, pipe: Any) -> _Snapshot:
         snap = cls(cls=type(pipe), plan=pipe.__dict__.get(PLAN_ATTR))
         for name, module in _modules(pipe).items():
-            snap.placement[name] = (_module_device(module), _module_dtype(module))
+            snap.placement[name] = (_module_device(module), module_dtype(module))
         vae = pipe.components.get("vae")
         if vae is not None:
             snap.vae_flags = {
@@ -529,7 +522,7 @@ class _Snapshot:
             device, dtype = self.placement.get(name, (None, None))
             if device is not None and _module_device(module) != device:
                 module.to(device=device)
-            if dtype is not None and _module_dtype(module) != dtype and not _is_quantized(module):
+            if dtype is not None and module_dtype(module) != dtype and not _is_quantized(module):
                 module.to(dtype=dtype)
 
     def _restore_vae(self, pipe: Any) -> None:
@@ -667,7 +660,7 @@ def load_pipeline(
 def _show_kwarg(value: Any) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}: {_show_kwarg(v)}" for k, v in value.items()) + "}"
-    return str(value).removeprefix("torch.")
+    return dtype_name(value)
 
 
 def _dtype_option(dtype: Any, torch_dtype: Any) -> Any:

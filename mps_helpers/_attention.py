@@ -21,6 +21,8 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any
 
+from mps_helpers._util import release
+
 if TYPE_CHECKING:
     import torch
 
@@ -120,11 +122,10 @@ def _chunk_shape(
 def _sdpa_accepts_scale() -> bool:
     """Return whether this torch has ``scaled_dot_product_attention`` with ``scale=`` (2.1+)."""
     import torch
-    from packaging.version import Version
 
-    return hasattr(torch.nn.functional, "scaled_dot_product_attention") and Version(
-        Version(torch.__version__).base_version
-    ) >= Version("2.1")
+    return hasattr(torch.nn.functional, "scaled_dot_product_attention") and release(
+        torch.__version__
+    ) >= (2, 1)
 
 
 def _attend(

@@ -40,6 +40,8 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Final, TypeVar, overload
 
+from mps_helpers._util import dtype_name
+
 if TYPE_CHECKING:
     import torch
 
@@ -415,8 +417,8 @@ def _patched_to(original: Callable[..., Any]) -> Callable[..., Any]:
             head += f": its {' and '.join(ignored)}"
         warnings.warn(
             f"{head} ignored: {'; '.join(ignored.values())}. The plan placed the pipeline on "
-            f"{plan.device} in {_name(plan.dtype)} (auto_prepare keeps code written for another "
-            "machine, or overridden by an option, running as planned)",
+            f"{plan.device} in {dtype_name(plan.dtype)} (auto_prepare keeps code written for "
+            "another machine, or overridden by an option, running as planned)",
             AutoPrepareWarning,
             stacklevel=2,
         )
@@ -439,17 +441,13 @@ def _ignored_parts(
         if not _device_exists(device):
             ignored["device"] = f"this machine has no {device.type} device"
             if dtype is not None:
-                ignored["dtype"] = f"{_name(dtype)} was meant for that device"
+                ignored["dtype"] = f"{dtype_name(dtype)} was meant for that device"
         elif options.get("device", "auto") != "auto":
             ignored["device"] = f"device={plan.device!r} was given to auto_prepare"
     forced_dtype = options.get("dtype", "auto") != "auto"
     if dtype is not None and dtype != plan.dtype and forced_dtype and "dtype" not in ignored:
-        ignored["dtype"] = f"dtype={_name(plan.dtype)!r} was given to auto_prepare"
+        ignored["dtype"] = f"dtype={dtype_name(plan.dtype)!r} was given to auto_prepare"
     return ignored
-
-
-def _name(dtype: Any) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _slicing_ignored(pipe: Any, plan: Plan, method: str) -> None:

@@ -35,6 +35,7 @@ from mps_helpers._batch import (
     split_batch,
 )
 from mps_helpers._errors import BatchError
+from mps_helpers._util import empty_device_cache, has_multi_controlnet
 from mps_helpers._warmup import ensure_warm, progress_config
 
 if TYPE_CHECKING:
@@ -109,18 +110,12 @@ def prepared_call(
     return _guards.call_with_recovery(pipe, plan, run_all, bound.kwargs)
 
 
-def _multi_control(pipe: Any) -> bool:
-    """Return whether the pipeline holds several ControlNets (MultiControlNetModel)."""
-    controlnet = getattr(pipe, "controlnet", None)
-    return controlnet is not None and hasattr(controlnet, "nets")
-
-
 def _split(pipe: Any, bound: BoundCall, prompts: int) -> list[dict[str, Any]]:
     return split_batch(
         bound.kwargs,
         prompts,
         num_images_per_prompt=bound.num_images_per_prompt,
-        multi_control=_multi_control(pipe),
+        multi_control=has_multi_controlnet(pipe),
     )
 
 
@@ -191,11 +186,7 @@ def _free_between(plan: Plan) -> None:
     """Return cached mps memory to the system between prompts when the plan is tight on it."""
     if plan.device != "mps" or not plan.memory_tight:
         return
-    import torch
-
-    mps = getattr(torch, "mps", None)  # torch 1.13 has no torch.mps
-    if mps is not None and hasattr(mps, "empty_cache"):
-        mps.empty_cache()
+    empty_device_cache("mps")
 
 
 def _has_standard_prepare_latents(cls: type) -> bool:

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Literal
 
 from packaging.version import Version
 
+from mps_helpers._util import GiB, format_bytes, release
+
 if TYPE_CHECKING:
     from mps_helpers._environment import Environment
 
@@ -28,7 +30,7 @@ GUIDE_RECOMMENDED_MACOS = Version("13.0")
 MIN_TORCH = Version("1.13")
 RECOMMENDED_TORCH = Version("2.0")
 #: Below this much RAM the library slices attention on mps (the guide's 64 GB rule).
-LOW_MEMORY_BYTES = 64 * 2**30
+LOW_MEMORY_BYTES = 64 * GiB
 #: Swap in use above this is worth a warning (macOS keeps a little swap in use routinely).
 SWAP_WARNING_BYTES = 512 * 2**20
 
@@ -63,16 +65,12 @@ def macos_required_by_torch(torch_version: Version) -> Version:
     >>> str(macos_required_by_torch(Version("2.5.1")))
     '13.0'
     """
-    release = Version(torch_version.base_version)
-    if release >= Version("2.9"):
+    numbers = release(torch_version)
+    if numbers >= (2, 9):
         return Version("14.0")
-    if release >= Version("2.5"):
+    if numbers >= (2, 5):
         return Version("13.0")
     return Version("12.3")
-
-
-def _gb(n: int) -> str:
-    return f"{n / 2**30:.1f} GB"
 
 
 def check_environment(env: Environment | None = None) -> tuple[Finding, ...]:
@@ -264,8 +262,8 @@ def _memory_findings(env: Environment) -> list[Finding]:
             Finding(
                 "info",
                 "low-memory",
-                f"{_gb(env.total_memory)} of unified memory, under 64 GB: the library will "
-                "bound attention memory (memory-safe attention slicing) on mps.",
+                f"{format_bytes(env.total_memory, digits=1)} of unified memory, under 64 GiB: "
+                "the library will bound attention memory (memory-safe attention slicing) on mps.",
                 None,
             )
         )
@@ -274,8 +272,8 @@ def _memory_findings(env: Environment) -> list[Finding]:
             Finding(
                 "warning",
                 "swap-in-use",
-                f"{_gb(env.swap_used)} of swap is in use: diffusion on unified memory slows "
-                "sharply under memory pressure.",
+                f"{format_bytes(env.swap_used, digits=1)} of swap is in use: diffusion on "
+                "unified memory slows sharply under memory pressure.",
                 "Close memory-hungry apps (browsers, other models) before generating, or "
                 "generate smaller or fewer images per call.",
             )

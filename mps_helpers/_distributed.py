@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from mps_helpers._batch import batch_size, bind_call, merge_outputs, merge_values, split_batch
 from mps_helpers._errors import BatchError, DistributedGenerationError
+from mps_helpers._util import DEVICES, has_multi_controlnet
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -54,9 +55,6 @@ GATHER_CHOICES: tuple[str, ...] = ("main", "all")
 _WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 # Accelerator families, besides CUDA, that accelerate gives a distributed backend of its own.
 _ACCELERATOR_PROBES = ("is_xpu_available", "is_npu_available", "is_mlu_available")
-# The plan's devices (mirrors mps_helpers._plan.DEVICES; kept here so that importing this
-# module stays free of the plan's imports).
-_PLAN_DEVICES = ("mps", "cuda", "cpu")
 
 
 def generate(
@@ -287,8 +285,7 @@ def _generate_share(
             UserWarning,
             stacklevel=3,
         )
-    controlnet = getattr(pipe, "controlnet", None)
-    multi_control = controlnet is not None and hasattr(controlnet, "nets")
+    multi_control = has_multi_controlnet(pipe)
     # Validates every per-prompt length, on every process alike, before any work.
     items = split_batch(
         kwargs, prompts, num_images_per_prompt=per_prompt, multi_control=multi_control
@@ -379,7 +376,7 @@ def _prepare_for(pipe: Any, device: Any) -> None:
             prepare_pipeline(pipe)
         return
     kind = str(device.type)
-    if kind in _PLAN_DEVICES:
+    if kind in DEVICES:
         if plan is None:
             prepare_pipeline(pipe, device=kind)
         elif plan.device != kind:

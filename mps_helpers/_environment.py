@@ -14,9 +14,10 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from packaging.version import InvalidVersion, Version
+from packaging.version import Version
 
 from mps_helpers import _probes
+from mps_helpers._util import GiB, format_bytes, parse_version
 
 __all__ = ["Environment", "detect_environment"]
 
@@ -86,7 +87,7 @@ class Environment:
         """Total RAM in GiB (the unit Apple sells memory in), or None when unknown."""
         if self.total_memory is None:
             return None
-        return self.total_memory / 2**30
+        return self.total_memory / GiB
 
     @property
     def is_macos(self) -> bool:
@@ -107,13 +108,9 @@ class Environment:
 
     def summary(self) -> str:
         """Return a few human-readable lines describing the machine."""
-        gib = "unknown" if self.total_memory is None else f"{self.total_memory / 2**30:.1f} GiB"
-        avail = (
-            "unknown"
-            if self.available_memory is None
-            else f"{self.available_memory / 2**30:.1f} GiB"
-        )
-        swap = "unknown" if self.swap_used is None else f"{self.swap_used / 2**30:.2f} GiB"
+        gib = format_bytes(self.total_memory, digits=1)
+        avail = format_bytes(self.available_memory, digits=1)
+        swap = format_bytes(self.swap_used)
         osname = f"macOS {self.macos_version}" if self.macos_version else self.system or "unknown"
         arch = self.machine or "unknown"
         if self.python_machine and self.python_machine != self.machine:
@@ -135,15 +132,6 @@ class Environment:
 
 def _yn(flag: bool) -> str:
     return "yes" if flag else "no"
-
-
-def _version(text: str | None) -> Version | None:
-    if not text:
-        return None
-    try:
-        return Version(text)
-    except InvalidVersion:
-        return None
 
 
 @functools.cache
@@ -170,9 +158,9 @@ def _detect() -> Environment:
         is_rosetta=is_rosetta,
         macos_version=macos,
         chip=chip,
-        python_version=_version(".".join(str(p) for p in sys.version_info[:3])),
-        torch_version=_version(_probes.package_version("torch")),
-        diffusers_version=_version(_probes.package_version("diffusers")),
+        python_version=parse_version(".".join(str(p) for p in sys.version_info[:3])),
+        torch_version=parse_version(_probes.package_version("torch")),
+        diffusers_version=parse_version(_probes.package_version("diffusers")),
         mps_built=torch_info.mps_built,
         mps_available=torch_info.mps_available,
         cuda_available=torch_info.cuda_available,

@@ -41,6 +41,7 @@ from mps_helpers._errors import (
     NonFiniteOutputWarning,
     OutOfMemoryRetryWarning,
 )
+from mps_helpers._util import dtype_name, empty_device_cache, format_bytes, module_dtype
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -209,12 +210,6 @@ def _plan_changes(old: Plan, new: Plan) -> list[str]:
     ]
 
 
-def _format_bytes(count: float) -> str:
-    if abs(count) >= 2**30:
-        return f"{count / 2**30:.2f} GiB"
-    return f"{count / 2**20:.0f} MiB"
-
-
 # ---------------------------------------------------------------------------------------
 # Warnings
 # ---------------------------------------------------------------------------------------
@@ -379,8 +374,8 @@ class _DecodeGuard:
                 del self.vae.decode
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        dtype = _module_dtype(self.vae)
-        self.dtype_name = str(dtype).removeprefix("torch.")
+        dtype = module_dtype(self.vae)
+        self.dtype_name = dtype_name(dtype)
         self.decodes += 1
         if self.vae in _OVERFLOWING_VAES and not _is_float32(dtype):
             # Known to overflow: skip the half-precision decode whose result would be dropped.
@@ -423,14 +418,6 @@ class _DecodeGuard:
                 *(_to_float32(a) for a in args),
                 **{key: _to_float32(value) for key, value in kwargs.items()},
             )
-
-
-def _module_dtype(module: Any) -> Any:
-    """Return the dtype of the module's first floating parameter (None when it has none)."""
-    for param in module.parameters():
-        if param.is_floating_point():
-            return param.dtype
-    return None
 
 
 def _is_float32(dtype: Any) -> bool:
@@ -535,14 +522,7 @@ def read_memory() -> _probes.MemoryInfo:
 def free_device_memory() -> None:
     """Collect garbage and return cached device memory of mps and CUDA to the system."""
     gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return
-    mps = getattr(torch, "mps", None)  # torch 1.13 has no torch.mps
-    if mps is not None and hasattr(mps, "empty_cache") and torch.backends.mps.is_available():
-        mps.empty_cache()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    empty_device_cache()
 
 
 def call_with_recovery(
@@ -702,7 +682,7 @@ def _check_swap(
         return
     name = type(pipe).__name__
     available = (
-        f"; {_format_bytes(after.available)} of RAM available after it"
+        f"; {format_bytes(after.available)} of RAM available after it"
         if after.available is not None
         else ""
     )
@@ -718,8 +698,8 @@ def _check_swap(
         else "smaller images or fewer images per call (all memory savers are already on)"
     )
     message = (
-        f"Swap grew by {_format_bytes(growth)} during this call of {name} (from "
-        f"{_format_bytes(before.swap_used)} to {_format_bytes(after.swap_used)}{available}): "
+        f"Swap grew by {format_bytes(growth)} during this call of {name} (from "
+        f"{format_bytes(before.swap_used)} to {format_bytes(after.swap_used)}{available}): "
         "the machine ran short of memory and slowed down. What helps: "
         f"{fix}, or closing other apps."
     )

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from packaging.version import Version
 
+from mps_helpers._util import DEVICES, GiB
+
 if TYPE_CHECKING:
     import torch
 
@@ -41,10 +43,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-GiB = 2**30
-
-#: The devices a plan can choose.
-DEVICES: tuple[str, ...] = ("mps", "cuda", "cpu")
 #: The attention processors a plan can install when it slices attention.
 PROCESSORS: tuple[str, ...] = ("safe", "diffusers")
 #: The plan's decision fields, in display order; ``Plan.reasons`` has one entry for each.

@@ -13,7 +13,9 @@ import subprocess
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
-from packaging.version import InvalidVersion, Version
+from packaging.version import Version
+
+from mps_helpers._util import parse_version
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -53,11 +55,11 @@ def parse_sw_vers(output: str) -> Version | None:
     for line in output.splitlines():
         key, sep, value = line.partition(":")
         if sep and key.strip() == "ProductVersion":
-            return _parse_version(value.strip())
+            return parse_version(value.strip())
     # ``sw_vers -productVersion`` prints the bare version.
     stripped = output.strip()
     if stripped and "\n" not in stripped and ":" not in stripped:
-        return _parse_version(stripped)
+        return parse_version(stripped)
     return None
 
 
@@ -67,7 +69,7 @@ def parse_mac_ver(release: str) -> Version | None:
     The compatibility value "10.16" is returned as is; callers re-query with
     ``SYSTEM_VERSION_COMPAT=0`` when they see it (:func:`is_compat_version`).
     """
-    return _parse_version(release.strip()) if release else None
+    return parse_version(release.strip()) if release else None
 
 
 def is_compat_version(version: Version | None) -> bool:
@@ -114,13 +116,6 @@ def hardware_machine(python_machine: str, *, arm64_hw: int | None, translated: i
     if python_machine.lower() in {"aarch64", "arm64"} and arm64_hw is not None:
         return "arm64"
     return python_machine
-
-
-def _parse_version(text: str) -> Version | None:
-    try:
-        return Version(text)
-    except InvalidVersion:
-        return None
 
 
 # ---------------------------------------------------------------------------------------

@@ -150,7 +150,7 @@ def test_swap_in_use_warns() -> None:
     env = MACHINES["m3max-64gb-macos14"].replace(swap_used=3 * GiB)
     (f,) = [f for f in check_environment(env) if f.code == "swap-in-use"]
     assert f.level == "warning"
-    assert "3.0 GB" in f.message
+    assert "3.0 GiB" in f.message
     assert f.fix
 
 
