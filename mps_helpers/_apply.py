@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from packaging.version import InvalidVersion, Version
 
+from mps_helpers._options import Options, option_values, validate_options
 from mps_helpers._plan import (
     PipelineFacts,
     check_pipeline,
@@ -34,7 +35,7 @@ from mps_helpers._plan import (
     size_from,
     unprepared_class,
     upcasts_vae_itself,
-    validate_options,
+    warn_ignored,
 )
 from mps_helpers._util import dtype_name, module_dtype
 
@@ -113,27 +114,20 @@ def prepare_pipeline(
         mps_helpers.DeviceUnavailableError: an explicit device that cannot be used here.
     """
     check_pipeline(pipe)
-    options = validate_options(
-        height=height,
-        width=width,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-        attention_slicing=attention_slicing,
-        attention_processor=attention_processor,
-        vae_slicing=vae_slicing,
-        vae_tiling=vae_tiling,
-        warmup=warmup,
-        batch_to_loop=batch_to_loop,
-        nan_guard=nan_guard,
-        oom_retry=oom_retry,
-        memory_watch=memory_watch,
-    )
-    plan = make_plan(facts_of(pipe), resolve_environment(env), options)
+    options = validate_options(**option_values(locals()))
+    plan = _prepare(pipe, resolve_environment(env), options)
+    warn_ignored(plan)
+    return pipe
+
+
+def _prepare(pipe: Any, env: Environment, options: Options) -> Plan:
+    """Plan and apply without warning (:func:`load_pipeline` warns once itself); return the plan."""
+    plan = make_plan(facts_of(pipe), env, options)
     if plan == plan_of(pipe) and _state_matches(pipe, plan):
         logger.info("%s is already prepared with this plan: nothing to change", _name(pipe))
-        return pipe
-    return apply_plan(pipe, plan)
+        return plan
+    apply_plan(pipe, plan)
+    return plan
 
 
 def plan_of(pipe: Any) -> Plan | None:
@@ -548,23 +542,6 @@ class _Snapshot:
 # ---------------------------------------------------------------------------------------
 # Loading with the plan
 
-_PLAN_OPTION_DEFAULTS: dict[str, Any] = {
-    "height": None,
-    "width": None,
-    "batch_size": None,
-    "device": "auto",
-    "dtype": "auto",
-    "attention_slicing": "auto",
-    "attention_processor": "safe",
-    "vae_slicing": "auto",
-    "vae_tiling": "auto",
-    "warmup": "auto",
-    "batch_to_loop": "auto",
-    "nan_guard": "auto",
-    "oom_retry": "auto",
-    "memory_watch": "auto",
-}
-
 
 def load_pipeline(
     model_or_path: str | os.PathLike[str],
@@ -605,22 +582,7 @@ def load_pipeline(
     Raises:
         ValueError: an option is not one of its valid values (raised before loading).
     """
-    options: dict[str, Any] = {
-        "height": height,
-        "width": width,
-        "batch_size": batch_size,
-        "device": device,
-        "dtype": dtype,
-        "attention_slicing": attention_slicing,
-        "attention_processor": attention_processor,
-        "vae_slicing": vae_slicing,
-        "vae_tiling": vae_tiling,
-        "warmup": warmup,
-        "batch_to_loop": batch_to_loop,
-        "nan_guard": nan_guard,
-        "oom_retry": oom_retry,
-        "memory_watch": memory_watch,
-    }
+    options = option_values(locals())
     kwargs = dict(from_pretrained_kwargs)
     options["dtype"] = _dtype_option(options["dtype"], kwargs.pop("torch_dtype", None))
     validated = validate_options(**options)
@@ -654,7 +616,10 @@ def load_pipeline(
         ", ".join(f"{k}={_show_kwarg(v)}" for k, v in sorted(kwargs.items())),
     )
     pipe = _from_pretrained(model_or_path, kwargs, fallback=fallback)
-    return prepare_pipeline(pipe, env=machine, **options)
+    # The plan again, now that the pipeline is known (a Hub id's facts were not); only this
+    # one is warned about, once.
+    warn_ignored(_prepare(pipe, machine, validated))
+    return pipe
 
 
 def _show_kwarg(value: Any) -> str:

@@ -245,13 +245,9 @@ class AutoPrepare:
 
 
 def _check_option_names(options: Mapping[str, Any]) -> None:
-    from mps_helpers._apply import prepare_pipeline
+    from mps_helpers._options import OPTION_NAMES
 
-    valid = [
-        p.name
-        for p in inspect.signature(prepare_pipeline).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-    ]
+    valid = ["env", *OPTION_NAMES]
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise TypeError(
@@ -263,7 +259,7 @@ def _check_option_names(options: Mapping[str, Any]) -> None:
 def _check_option_values(options: Mapping[str, Any]) -> None:
     # The plan's own validation: ValueError listing the valid values, nothing planned or
     # changed. ``env`` is not a decision: prepare_pipeline checks it.
-    from mps_helpers._plan import validate_options
+    from mps_helpers._options import validate_options
 
     validate_options(**{name: value for name, value in options.items() if name != "env"})
 

@@ -1,7 +1,8 @@
 """Readiness checks: read an :class:`Environment` and say what stands in the way of mps.
 
-Every rule cites its source in ``EVIDENCE.md`` terms: the diffusers mps guide's requirements,
-and the minimum macOS each torch release needs for mps (it rose from 12.3 to 14.0).
+Every rule cites its source: the diffusers mps guide's requirements, and the minimum macOS
+each torch release needs for mps (it rose from 12.3 to 14.0; see the docs' "How to read
+doctor" page).
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ from typing import TYPE_CHECKING, Literal
 
 from packaging.version import Version
 
-from mps_helpers._util import GiB, format_bytes, release
+from mps_helpers._reasons import EVIDENCE, SLICING_RAM_THRESHOLD
+from mps_helpers._util import format_bytes, release
 
 if TYPE_CHECKING:
     from mps_helpers._environment import Environment
 
-__all__ = ["LEVELS", "Finding", "check_environment", "macos_required_by_torch"]
+__all__ = ["LEVELS", "Finding", "check_environment", "cuda_findings", "macos_required_by_torch"]
 
 Level = Literal["ok", "info", "warning", "error"]
 
@@ -29,8 +31,6 @@ GUIDE_RECOMMENDED_MACOS = Version("13.0")
 #: torch 1.13 is the first release the guide supports on mps; 2.0 is recommended.
 MIN_TORCH = Version("1.13")
 RECOMMENDED_TORCH = Version("2.0")
-#: Below this much RAM the library slices attention on mps (the guide's 64 GB rule).
-LOW_MEMORY_BYTES = 64 * GiB
 #: Swap in use above this is worth a warning (macOS keeps a little swap in use routinely).
 SWAP_WARNING_BYTES = 512 * 2**20
 
@@ -241,7 +241,7 @@ def _other_machine_findings(env: Environment) -> list[Finding]:
         fallback = f"CUDA ({env.cuda_device_name or 'GPU 0'})"
         level: Literal["info"] = "info"
     else:
-        fallback = "the CPU (slow: minutes per image at 512 px)"
+        fallback = f"the CPU (slow: {EVIDENCE['cpu_sd15'].figure})"
         level = "info"
     return [
         Finding(
@@ -257,13 +257,14 @@ def _other_machine_findings(env: Environment) -> list[Finding]:
 def _memory_findings(env: Environment) -> list[Finding]:
     out: list[Finding] = []
     mps_machine = env.is_apple_silicon
-    if mps_machine and env.total_memory is not None and env.total_memory < LOW_MEMORY_BYTES:
+    if mps_machine and env.total_memory is not None and env.total_memory < SLICING_RAM_THRESHOLD:
         out.append(
             Finding(
                 "info",
                 "low-memory",
-                f"{format_bytes(env.total_memory, digits=1)} of unified memory, under 64 GiB: "
-                "the library will bound attention memory (memory-safe attention slicing) on mps.",
+                f"{format_bytes(env.total_memory, digits=1)} of unified memory, under "
+                f"{format_bytes(SLICING_RAM_THRESHOLD, digits=0)}: the library will bound "
+                "attention memory (memory-safe attention slicing) on mps.",
                 None,
             )
         )
@@ -279,3 +280,25 @@ def _memory_findings(env: Environment) -> list[Finding]:
             )
         )
     return out
+
+
+def cuda_findings(env: Environment) -> tuple[Finding, ...]:
+    """Return why CUDA cannot be used on ``env`` (empty when it can), with the fix."""
+    if env.cuda_available:
+        return ()
+    version = env.torch_version
+    if version is None:
+        why = "torch is not installed"
+    elif version.local == "cpu":
+        why = f"torch {version} is a CPU-only build"
+    else:
+        why = f"torch {version} reports no CUDA device on this machine"
+    return (
+        Finding(
+            "error",
+            "cuda-unavailable",
+            f"no CUDA device is usable: {why}.",
+            "Run on a machine with an NVIDIA GPU and a CUDA build of torch, or leave "
+            "device='auto' to use what this machine has.",
+        ),
+    )

@@ -19,6 +19,7 @@ import sys
 import traceback
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
+from mps_helpers._options import OPTIONS
 from mps_helpers._version import __version__
 
 if TYPE_CHECKING:
@@ -30,31 +31,12 @@ _MARKS = {"ok": "ok", "info": "info", "warning": "WARN", "error": "ERROR"}
 
 FALLBACK_VARIABLE: Final = "PYTORCH_ENABLE_MPS_FALLBACK"
 
-# Options of prepare_pipeline offered on the command line: (flag, keyword, choices, help).
-# Choices None: a free value that prepare_pipeline validates. on/off map to True/False.
-_SWITCH = ("auto", "on", "off")
-_PLAN_OPTIONS: Final[tuple[tuple[str, str, tuple[str, ...] | None, str], ...]] = (
-    ("--device", "device", None, "auto (default), mps, cuda or cpu"),
-    ("--dtype", "dtype", None, "auto (default), float16, bfloat16 or float32"),
-    ("--attention-slicing", "attention_slicing", _SWITCH, "memory-bounded attention"),
-    (
-        "--attention-processor",
-        "attention_processor",
-        ("safe", "diffusers"),
-        "whose sliced attention: safe (ours, default) or diffusers",
-    ),
-    ("--vae-slicing", "vae_slicing", _SWITCH, "decode a batch one image at a time"),
-    ("--vae-tiling", "vae_tiling", _SWITCH, "decode large images in tiles"),
-    ("--warmup", "warmup", _SWITCH, "one-step warmup pass before the first call"),
-    ("--batch-to-loop", "batch_to_loop", _SWITCH, "run a batch of prompts as a loop"),
-    ("--nan-guard", "nan_guard", _SWITCH, "re-decode black (NaN) images in float32"),
-    ("--oom-retry", "oom_retry", _SWITCH, "retry once with a stricter plan on out-of-memory"),
-    ("--memory-watch", "memory_watch", _SWITCH, "warn when the machine starts swapping"),
-)
+# The options of prepare_pipeline offered on the command line are those of the schema
+# (mps_helpers._options) that have a flag; on/off stand for True/False.
 # Denoising steps of the tiny demo pipeline: enough to look like a real run, ~1-4 s on a CPU.
 TINY_STEPS: Final = 20
 # run's own options that take a value (its flags, -h and -v, take none; -m ends the options).
-_RUN_VALUED: Final = frozenset(flag for flag, _keyword, _choices, _help in _PLAN_OPTIONS)
+_RUN_VALUED: Final = frozenset(option.flag for option in OPTIONS if option.flag)
 
 
 class _UsageError(Exception):
@@ -131,10 +113,10 @@ def _split_run(tokens: Sequence[str]) -> tuple[list[str], list[str], str | None]
 def _plan_options(args: argparse.Namespace) -> dict[str, Any]:
     """Return the prepare_pipeline options given on the command line (the others stay auto)."""
     given: dict[str, Any] = {}
-    for _flag, keyword, _choices, _help in _PLAN_OPTIONS:
-        value = getattr(args, keyword)
+    for option in OPTIONS:
+        value = getattr(args, option.name, None) if option.flag else None
         if value is not None:
-            given[keyword] = {"on": True, "off": False}.get(value, value)
+            given[option.name] = option.from_cli(value)
     return given
 
 
@@ -233,7 +215,7 @@ def _log_to_stderr() -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from mps_helpers._plan import validate_options
+    from mps_helpers._options import validate_options
 
     options = _plan_options(args)
     try:
@@ -295,8 +277,15 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "plan options", "force a decision of the plan (default: decided for this machine)"
     )
-    for flag, keyword, choices, help_ in _PLAN_OPTIONS:
-        group.add_argument(flag, dest=keyword, choices=choices, default=None, help=help_)
+    for option in OPTIONS:
+        if option.flag:
+            group.add_argument(
+                option.flag,
+                dest=option.name,
+                choices=option.cli_choices,
+                default=None,
+                help=option.cli_help,
+            )
 
 
 def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:

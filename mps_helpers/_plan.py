@@ -5,9 +5,11 @@
 and returns a frozen :class:`Plan`. It does no device work and never changes the pipeline;
 :mod:`mps_helpers._apply` carries a plan out.
 
-Every automatic rule below cites its evidence (``/work/shared/EVIDENCE.md`` in the
-project, summarised in ``docs/explanation/decisions.md``); the reason strings carry the
-figures that decided each case, so ``str(plan)`` explains itself.
+Each rule function returns ``(value, rule id, fields)``; the reason sentence is formatted
+from the rule's template, the thresholds and the evidence in :mod:`mps_helpers._reasons`
+(listed on the docs page ``docs/explanation/decisions.md``), so ``str(plan)`` explains
+itself and ``plan.rules`` names the rule behind each decision. Rules never warn: one that
+ignores an explicit option says so in ``plan.ignored``, and the public entry points warn.
 """
 
 from __future__ import annotations
@@ -21,30 +23,68 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from packaging.version import Version
-
-from mps_helpers._util import DEVICES, GiB
+from mps_helpers._errors import warn_at_caller
+from mps_helpers._options import (
+    PROCESSORS,
+    Options,
+    option_values,
+    validate_options,
+)
+from mps_helpers._reasons import (
+    ATTENTION_BUDGET_SHARE,
+    ATTENTION_CHUNK_CAP,
+    ATTENTION_CHUNK_FLOOR,
+    ATTENTION_LIVE_BLOCKS,
+    DECODE_BYTES_PER_PIXEL_FP32,
+    MPS_BF16_MACOS,
+    MPS_BF16_TORCH,
+    SLICING_PIXELS_THRESHOLD,
+    SLICING_RAM_THRESHOLD,
+    TIGHT_DECODE_SHARE,
+    TILING_SIDE_THRESHOLD,
+    UNKNOWN_AVAILABLE_MEMORY,
+    WARMUP_TORCH_RELEASE,
+    Phrase,
+    reason,
+    warning,
+)
+from mps_helpers._util import DEVICES, dtype_name, release
 
 if TYPE_CHECKING:
     import torch
 
     from mps_helpers._environment import Environment
 
+#: What a rule returns: its value, its rule id and the fields its reason template needs.
+Decided = tuple[Any, str, dict[str, object]]
+
 __all__ = [
+    "ATTENTION_BUDGET_SHARE",
+    "ATTENTION_CHUNK_CAP",
+    "ATTENTION_CHUNK_FLOOR",
+    "ATTENTION_LIVE_BLOCKS",
     "DECISIONS",
+    "DECODE_BYTES_PER_PIXEL_FP32",
     "DEVICES",
+    "MPS_BF16_MACOS",
+    "MPS_BF16_TORCH",
     "PROCESSORS",
+    "SLICING_PIXELS_THRESHOLD",
+    "SLICING_RAM_THRESHOLD",
+    "TIGHT_DECODE_SHARE",
+    "TILING_SIDE_THRESHOLD",
+    "UNKNOWN_AVAILABLE_MEMORY",
     "PipelineFacts",
     "Plan",
     "attention_chunk_elements",
     "facts_of",
     "plan_for",
+    "validate_options",
+    "warn_ignored",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: The attention processors a plan can install when it slices attention.
-PROCESSORS: tuple[str, ...] = ("safe", "diffusers")
 #: The plan's decision fields, in display order; ``Plan.reasons`` has one entry for each.
 DECISIONS: tuple[str, ...] = (
     "device",
@@ -62,68 +102,6 @@ DECISIONS: tuple[str, ...] = (
     "oom_retry",
     "memory_watch",
 )
-_SWITCHES: tuple[str, ...] = (
-    "attention_slicing",
-    "vae_slicing",
-    "vae_tiling",
-    "warmup",
-    "batch_to_loop",
-    "nan_guard",
-    "oom_retry",
-    "memory_watch",
-)
-
-# --- thresholds, each traceable to EVIDENCE.md -------------------------------------------
-
-#: The source rule (diffusers "optimization/mps"): slice attention below 64 GB of RAM.
-SLICING_RAM_THRESHOLD = 64 * GiB
-#: ... or for images larger than 512x512 (compared by pixel count).
-SLICING_PIXELS_THRESHOLD = 512 * 512
-#: Tile the VAE decode for images whose longer side exceeds this, on a memory-tight machine.
-TILING_SIDE_THRESHOLD = 1024
-#: VAE decode working memory per output pixel in float32: SD-1.5 VAE on CPU, 768 px, batch 1,
-#: 2,193 MB over the weights (the larger of the two measured figures per pixel).
-DECODE_BYTES_PER_PIXEL_FP32 = 3_800
-#: Memory is "tight" off mps when the batch's decode needs more than this share of it.
-TIGHT_DECODE_SHARE = 0.25
-#: Share of the available memory one attention call's score blocks may use.
-ATTENTION_BUDGET_SHARE = 0.25
-#: Blocks alive at once per attention chunk: the scores, their softmax, one temporary.
-ATTENTION_LIVE_BLOCKS = 3
-#: Upper bound on one score block: 2**28 elements, 8x below the 2**31-element mps limit
-#: (pytorch #84039, #179352, #197636); SD 1.5 at 512 px with guidance is exactly 2**28.
-ATTENTION_CHUNK_CAP = 2**28
-#: Lower bound, so that a starved machine still makes blocks of whole key rows (a 4096 px
-#: image has 2**18 latent positions).
-ATTENTION_CHUNK_FLOOR = 2**20
-#: Memory assumed available when the snapshot does not know it (an 8 GB Mac has ~3 GiB).
-UNKNOWN_AVAILABLE_MEMORY = 2 * GiB
-#: What bfloat16 costs on a CPU without native bfloat16 instructions, measured with them
-#: hidden from torch and oneDNN (docs/explanation/decisions.md#dtype).
-CPU_BF16_EMULATED = (
-    "SD's matmul and 320-channel conv took 2.6x float32's time in bfloat16 with AVX-512, "
-    "100-330x with AVX2"
-)
-
-#: bfloat16 on mps needs torch 2.3 and macOS 14 (EVIDENCE: "PyTorch mps facts by version").
-MPS_BF16_TORCH = Version("2.3")
-MPS_BF16_MACOS = Version("14")
-
-_DTYPE_ALIASES: dict[str, str] = {
-    "float16": "float16",
-    "fp16": "float16",
-    "half": "float16",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float32": "float32",
-    "fp32": "float32",
-    "float": "float32",
-}
-_DTYPE_CHOICES = "'auto', torch.float16, torch.bfloat16, torch.float32 or their names " + ", ".join(
-    repr(k) for k in _DTYPE_ALIASES
-)
-
-
 # ---------------------------------------------------------------------------------------
 # What the plan knows about a pipeline
 
@@ -310,6 +288,11 @@ class Plan:
     options: Mapping[str, object] = field(default_factory=dict, hash=False)
     #: One sentence per decision field (see :data:`DECISIONS`), naming the rule and evidence.
     reasons: Mapping[str, str] = field(default_factory=dict, hash=False)
+    #: The id of the rule behind each decision (``"attention_slicing.mps-low-ram"``; the
+    #: registry is :data:`mps_helpers._reasons.RULES`); ``"asked"`` for an explicit option.
+    rules: Mapping[str, str] = field(default_factory=dict, hash=False)
+    #: Explicit options the plan could not follow, each with why (the entry points warn).
+    ignored: Mapping[str, str] = field(default_factory=dict, hash=False)
     #: False when the denoiser cannot slice attention (transformer-based): a stricter plan
     #: then leaves ``attention_slicing`` off.
     attention_slicing_supported: bool = True
@@ -326,14 +309,14 @@ class Plan:
         if missing:
             raise ValueError(f"Plan.reasons lacks a reason for {', '.join(missing)}")
         # Read-only views: a plan is shared (plan_of) and must not change under its users.
-        object.__setattr__(self, "options", types.MappingProxyType(dict(self.options)))
-        object.__setattr__(self, "reasons", types.MappingProxyType(dict(self.reasons)))
+        for name in _MAPPINGS:
+            object.__setattr__(self, name, types.MappingProxyType(dict(getattr(self, name))))
 
     def __reduce__(self) -> tuple[Any, ...]:
         # The read-only mapping views do not pickle: rebuild from plain dicts.
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        fields["options"] = dict(self.options)
-        fields["reasons"] = dict(self.reasons)
+        for name in _MAPPINGS:
+            fields[name] = dict(fields[name])
         return (_plan_from_fields, (fields,))
 
     def to_dict(self) -> dict[str, Any]:
@@ -349,11 +332,14 @@ class Plan:
     def replace(self, **changes: Any) -> Plan:
         """Return a copy with some decisions changed (a stricter plan for an OOM retry).
 
-        Pass ``reasons={"field": "why"}`` to explain the changes; a changed decision without
-        one gets a generic reason naming its old value. Turning attention slicing on with the
-        safe processor and no ``attention_chunk_elements`` uses the processor's default bound.
+        Pass ``rules={"field": "rule id"}`` to name the rule of a change (its reason is then
+        that rule's), or ``reasons={"field": "why"}`` to explain it in words; a changed
+        decision without either gets the rule ``"replaced"``, whose reason names its old
+        value. Turning attention slicing on with the safe processor and no
+        ``attention_chunk_elements`` uses the processor's default bound.
         """
         given = dict(changes.pop("reasons", {}) or {})
+        given_rules = dict(changes.pop("rules", {}) or {})
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
             raise TypeError(f"Plan has no field {', '.join(unknown)}")
@@ -370,15 +356,14 @@ class Plan:
                 new["attention_chunk_elements"] = None
             elif self.attention_chunk_elements is None:
                 new["attention_chunk_elements"] = 2**26
-        reasons = dict(self.reasons)
-        for name, value in new.items():
-            if name in DECISIONS and value != getattr(self, name) and name not in given:
-                reasons[name] = (
-                    f"changed from {_show(getattr(self, name))} to {_show(value)} by "
-                    "Plan.replace (a stricter plan)."
-                )
+        reasons, rules = dict(self.reasons), dict(self.rules)
+        changed = [n for n, v in new.items() if n in DECISIONS and v != getattr(self, n)]
+        for name in dict.fromkeys([*changed, *given_rules]):
+            rules[name] = given_rules.get(name, "replaced")
+            old, value = _show(getattr(self, name)), _show(new.get(name, getattr(self, name)))
+            reasons[name] = reason(rules[name], {"old": old, "new": value})
         reasons.update(given)
-        return dataclasses.replace(self, **new, reasons=reasons)
+        return dataclasses.replace(self, **new, reasons=reasons, rules=rules)
 
     def __str__(self) -> str:
         size = "unknown size"
@@ -396,13 +381,13 @@ class Plan:
         return "\n".join(lines)
 
 
+#: The Plan fields that are mappings (read-only views on a plan, plain dicts in a pickle).
+_MAPPINGS = ("options", "reasons", "rules", "ignored")
+
+
 def _plan_from_fields(fields: dict[str, Any]) -> Plan:
     """Return a Plan from its fields (used by pickle and copy)."""
     return Plan(**fields)
-
-
-def _dtype_name(dtype: Any) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _is_dtype(value: Any) -> bool:
@@ -411,121 +396,26 @@ def _is_dtype(value: Any) -> bool:
 
 def _jsonable(value: Any) -> Any:
     if _is_dtype(value):
-        return _dtype_name(value)
+        return dtype_name(value)
     return value
 
 
 def _show(value: Any) -> str:
     if _is_dtype(value):
-        return _dtype_name(value)
+        return dtype_name(value)
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"
     return str(value)
 
 
-# ---------------------------------------------------------------------------------------
-# Options
+def warn_ignored(plan: Plan) -> None:
+    """Warn (UserWarning, at the caller's line) once for each option ``plan`` ignored.
 
-
-@dataclass(frozen=True)
-class _Options:
-    """Validated options: "auto" or an explicit value for each decision."""
-
-    height: int | None
-    width: int | None
-    batch_size: int | None
-    device: str
-    dtype: torch.dtype | None  # None = auto
-    attention_processor: str
-    switches: Mapping[str, bool | None]  # None = auto
-    given: Mapping[str, object]
-
-
-def validate_options(
-    *,
-    height: Any = None,
-    width: Any = None,
-    batch_size: Any = None,
-    device: Any = "auto",
-    dtype: Any = "auto",
-    attention_slicing: Any = "auto",
-    attention_processor: Any = "safe",
-    vae_slicing: Any = "auto",
-    vae_tiling: Any = "auto",
-    warmup: Any = "auto",
-    batch_to_loop: Any = "auto",
-    nan_guard: Any = "auto",
-    oom_retry: Any = "auto",
-    memory_watch: Any = "auto",
-) -> _Options:
-    """Check every option and return them validated; raise ValueError listing valid values.
-
-    Nothing is planned or changed here, so callers can validate before touching anything.
+    The public entry points call this once for the plan they return or apply; the rules
+    themselves only record what they ignored in ``plan.ignored``.
     """
-    given: dict[str, object] = {
-        "height": height,
-        "width": width,
-        "batch_size": batch_size,
-        "device": device,
-        "dtype": dtype,
-        "attention_slicing": attention_slicing,
-        "attention_processor": attention_processor,
-        "vae_slicing": vae_slicing,
-        "vae_tiling": vae_tiling,
-        "warmup": warmup,
-        "batch_to_loop": batch_to_loop,
-        "nan_guard": nan_guard,
-        "oom_retry": oom_retry,
-        "memory_watch": memory_watch,
-    }
-    for name in ("height", "width", "batch_size"):
-        value = given[name]
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 1
-        ):
-            raise ValueError(f"{name} must be None or a positive integer, got {value!r}")
-    if not isinstance(device, str) or (device != "auto" and device not in DEVICES):
-        valid = ", ".join(repr(d) for d in ("auto", *DEVICES))
-        raise ValueError(f"device must be one of {valid}; got {device!r}")
-    if not isinstance(attention_processor, str) or attention_processor not in PROCESSORS:
-        valid = ", ".join(repr(p) for p in PROCESSORS)
-        raise ValueError(f"attention_processor must be one of {valid}; got {attention_processor!r}")
-    switches: dict[str, bool | None] = {}
-    for name in _SWITCHES:
-        value = given[name]
-        if isinstance(value, str) and value == "auto":
-            switches[name] = None
-        elif value is True or value is False:
-            switches[name] = value
-        else:
-            raise ValueError(f"{name} must be one of 'auto', True, False; got {value!r}")
-    return _Options(
-        height=height,
-        width=width,
-        batch_size=batch_size,
-        device=device,
-        dtype=_resolve_dtype(dtype),
-        attention_processor=attention_processor,
-        switches=switches,
-        given=given,
-    )
-
-
-def _resolve_dtype(value: Any) -> torch.dtype | None:
-    if isinstance(value, str):
-        if value == "auto":
-            return None
-        name = _DTYPE_ALIASES.get(value.lower().removeprefix("torch."))
-        if name is not None:
-            import torch
-
-            resolved: torch.dtype = getattr(torch, name)
-            return resolved
-    elif _is_dtype(value):
-        name = _dtype_name(value)
-        if name in ("float16", "bfloat16", "float32"):
-            return value  # type: ignore[no-any-return]
-    raise ValueError(f"dtype must be {_DTYPE_CHOICES}; got {value!r}")
+    for why in plan.ignored.values():
+        warn_at_caller(why, UserWarning)
 
 
 # ---------------------------------------------------------------------------------------
@@ -554,13 +444,15 @@ def plan_for(
     """Return the :class:`Plan` for running ``pipe`` on a machine; pure, changes nothing.
 
     Each option is "auto" (the library decides, see ``docs/explanation/decisions.md``) or an
-    explicit value that wins.
+    explicit value that wins. An explicit value the pipeline cannot follow
+    (``attention_slicing=True`` on a transformer denoiser) is ignored with a UserWarning and
+    recorded in ``plan.ignored``.
 
     Args:
         pipe: a diffusers pipeline whose components inform the plan (denoiser family, VAE
             ``force_upcast``, weights' dtype, default size), or None to plan from the machine.
         env: the machine; None detects this one (:func:`mps_helpers.detect_environment`).
-        height, width: the image size; None uses the pipeline's default size.
+        height, width: the image size, a multiple of 8; None uses the pipeline's default size.
         batch_size: images decoded per call (prompts x images per prompt); None if unknown.
         device: "auto", "mps", "cuda" or "cpu".
         dtype: "auto", a torch floating dtype (float16, bfloat16, float32) or its name.
@@ -574,24 +466,11 @@ def plan_for(
         mps_helpers.DeviceUnavailableError: an explicit device that cannot be used here; its
             ``findings`` say why.
     """
-    options = validate_options(
-        height=height,
-        width=width,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-        attention_slicing=attention_slicing,
-        attention_processor=attention_processor,
-        vae_slicing=vae_slicing,
-        vae_tiling=vae_tiling,
-        warmup=warmup,
-        batch_to_loop=batch_to_loop,
-        nan_guard=nan_guard,
-        oom_retry=oom_retry,
-        memory_watch=memory_watch,
-    )
+    options = validate_options(**option_values(locals()))
     facts = PipelineFacts() if pipe is None else facts_of(pipe)
-    return make_plan(facts, resolve_environment(env), options)
+    plan = make_plan(facts, resolve_environment(env), options)
+    warn_ignored(plan)
+    return plan
 
 
 def resolve_environment(env: Environment | None) -> Environment:
@@ -605,70 +484,53 @@ def resolve_environment(env: Environment | None) -> Environment:
     return env
 
 
-def make_plan(facts: PipelineFacts, env: Environment, options: _Options) -> Plan:
-    """Return the plan for validated ``options`` (the rules; :func:`plan_for` wraps this)."""
-    reasons: dict[str, str] = {}
+def make_plan(facts: PipelineFacts, env: Environment, options: Options) -> Plan:
+    """Return the plan for validated ``options`` (the rules; :func:`plan_for` wraps this).
+
+    Pure: it neither warns nor logs above INFO; what it ignored is in ``plan.ignored``.
+    """
+    decided: dict[str, Decided] = {}
     switches = options.switches
 
-    device, reasons["device"] = _device(env, options.device)
-    dtype, reasons["dtype"] = _dtype(env, device, facts, options.dtype)
+    device = _value(decided, "device", _device(env, options.device))
+    dtype = _value(decided, "dtype", _dtype(env, device, facts, options.dtype))
     guarded = switches["nan_guard"] if switches["nan_guard"] is not None else _half(dtype)
-    vae_dtype, reasons["vae_dtype"] = _vae_dtype(dtype, facts, device=device, guarded=guarded)
+    _value(decided, "vae_dtype", _vae_dtype(dtype, facts, device, guarded))
 
     height = options.height if options.height is not None else facts.default_height
     width = options.width if options.width is not None else facts.default_width
-    tight, reasons["memory_tight"] = _memory_tight(
-        env, device, dtype=dtype, height=height, width=width, options=options
+    size = (height, width)
+    tight = _value(decided, "memory_tight", _memory_tight(env, device, dtype, size, options))
+    slicing = _value(
+        decided,
+        "attention_slicing",
+        _attention_slicing(env, device, facts, size, switches["attention_slicing"]),
     )
-
-    slicing, reasons["attention_slicing"] = _attention_slicing(
-        env,
-        device,
-        facts=facts,
-        height=height,
-        width=width,
-        asked=switches["attention_slicing"],
+    processor = _value(
+        decided, "attention_processor", _processor(options.attention_processor, slicing)
     )
-    processor = options.attention_processor
-    reasons["attention_processor"] = _processor_reason(processor, slicing)
-    chunk: int | None = None
-    if not slicing:
-        reasons["attention_chunk_elements"] = "None: attention slicing is off."
-    elif processor != "safe":
-        reasons["attention_chunk_elements"] = "None: diffusers' own slicing picks its slices."
-    else:
-        chunk = attention_chunk_elements(env, dtype, device=device)
-        reasons["attention_chunk_elements"] = _chunk_reason(env, dtype, device, chunk)
+    _value(decided, "attention_chunk_elements", _chunk(env, dtype, device, slicing, processor))
+    _value(decided, "vae_slicing", _vae_slicing(tight, options, switches["vae_slicing"], device))
+    _value(decided, "vae_tiling", _vae_tiling(tight, size, switches["vae_tiling"]))
+    _value(decided, "warmup", _warmup(env, device, switches["warmup"]))
+    _value(decided, "batch_to_loop", _batch_to_loop(device, switches["batch_to_loop"]))
+    _value(decided, "nan_guard", _nan_guard(dtype, switches["nan_guard"]))
+    _value(decided, "oom_retry", _oom_retry(device, switches["oom_retry"]))
+    _value(decided, "memory_watch", _memory_watch(device, switches["memory_watch"]))
 
-    vae_slicing, reasons["vae_slicing"] = _vae_slicing(
-        tight, options, switches["vae_slicing"], device=device
-    )
-    vae_tiling, reasons["vae_tiling"] = _vae_tiling(tight, height, width, switches["vae_tiling"])
-    warmup, reasons["warmup"] = _warmup(env, device, switches["warmup"])
-    loop, reasons["batch_to_loop"] = _batch_to_loop(device, switches["batch_to_loop"])
-    nan_guard, reasons["nan_guard"] = _nan_guard(dtype, switches["nan_guard"])
-    oom_retry, reasons["oom_retry"] = _oom_retry(device, switches["oom_retry"])
-    watch, reasons["memory_watch"] = _memory_watch(device, switches["memory_watch"])
-
+    ignored = {}
+    for name, (_v, rule, fields) in decided.items():
+        text = warning(rule, fields)
+        if text is not None:
+            ignored[name] = text
     plan = Plan(
-        device=device,
-        dtype=dtype,
-        vae_dtype=vae_dtype,
-        attention_slicing=slicing,
-        attention_processor=processor,
-        attention_chunk_elements=chunk,
-        vae_slicing=vae_slicing,
-        vae_tiling=vae_tiling,
-        warmup=warmup,
-        batch_to_loop=loop,
-        nan_guard=nan_guard,
-        oom_retry=oom_retry,
-        memory_watch=watch,
+        **{name: value for name, (value, _rule, _fields) in decided.items()},
         height=height,
         width=width,
-        memory_tight=tight,
         options=options.given,
-        reasons=reasons,
+        reasons={name: reason(rule, fields) for name, (_v, rule, fields) in decided.items()},
+        rules={name: rule for name, (_v, rule, _fields) in decided.items()},
+        ignored=ignored,
         attention_slicing_supported=facts.supports_attention_slicing is not False,
     )
     for name in DECISIONS:
@@ -676,64 +538,61 @@ def make_plan(facts: PipelineFacts, env: Environment, options: _Options) -> Plan
     return plan
 
 
-def _asked(value: Any) -> str:
-    return f"asked for ({_show(value)})."
+def _value(decided: dict[str, Decided], name: str, result: Decided) -> Any:
+    """Record a rule's result for decision ``name`` and return its value."""
+    decided[name] = result
+    return result[0]
 
 
-def _gib(n: int | None) -> str:
-    return "unknown" if n is None else f"{n / GiB:.0f} GiB"
+def _asked(value: Any) -> Decided:
+    return value, "asked", {"value": _show(value)}
 
 
-def _size(n: int) -> str:
-    return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / 2**20:.0f} MiB"
+def _half(dtype: torch.dtype) -> bool:
+    import torch
+
+    return dtype != torch.float32
 
 
-def _release(version: Version | None) -> tuple[int, ...]:
-    return () if version is None else version.release
+def _where(device: str) -> str:
+    # CUDA: the snapshot knows the card's total only; mps and CPU share system RAM.
+    return "GPU memory" if device == "cuda" else "available memory"
 
 
 # device ------------------------------------------------------------------------------
 
 
-def _device(env: Environment, asked: str) -> tuple[str, str]:
-    if asked == "mps":
-        if not env.mps_available:
-            _raise_unavailable(env, "mps")
-        return "mps", _asked("mps")
-    if asked == "cuda":
-        if not env.cuda_available:
-            _raise_unavailable(env, "cuda")
-        return "cuda", _asked("cuda")
-    if asked == "cpu":
-        return "cpu", _asked("cpu")
+def _device(env: Environment, asked: str) -> Decided:
+    if asked == "mps" and not env.mps_available:
+        _raise_unavailable(env, "mps")
+    if asked == "cuda" and not env.cuda_available:
+        _raise_unavailable(env, "cuda")
+    if asked != "auto":
+        return _asked(asked)
 
-    fallback = (
-        ("cuda", f"CUDA is usable ({env.cuda_device_name or 'GPU 0'})")
-        if env.cuda_available
-        else ("cpu", "neither mps nor CUDA is usable, so the CPU")
-    )
+    fallback = "cuda" if env.cuda_available else "cpu"
+    fields: dict[str, object] = {
+        "fallback": Phrase(f"fallback-{fallback}", {"gpu": env.cuda_device_name or "GPU 0"}),
+    }
     if env.mps_available and not env.is_rosetta:
-        return "mps", "mps is usable and Python runs natively (arm64): the source rule's device."
+        return "mps", "device.mps", {}
     if env.is_rosetta:
-        return fallback[0], (
-            f"Python runs translated by Rosetta (an {env.python_machine or 'x86_64'} Python on "
-            f"an arm64 Mac), which cannot use mps; {fallback[1]} (install an arm64 Python "
-            "to get mps)."
-        )
+        fields["python"] = env.python_machine or "x86_64"
+        return fallback, "device.rosetta", fields
     if env.is_apple_silicon:
-        why = "torch was built without mps" if not env.mps_built else "mps is not usable now"
-        return fallback[0], f"{why} (see `mps-helpers doctor`); {fallback[1]}."
-    return fallback[0], f"not an Apple Silicon Mac; {fallback[1]}."
+        rule = "device.mps-not-built" if not env.mps_built else "device.mps-unusable"
+        return fallback, rule, fields
+    return fallback, "device.not-apple-silicon", fields
 
 
 def _raise_unavailable(env: Environment, device: str) -> None:
+    from mps_helpers._checks import check_environment, cuda_findings
     from mps_helpers._errors import DeviceUnavailableError
 
-    findings: tuple[Any, ...] = ()
-    try:
-        from mps_helpers._checks import check_environment
-    except ImportError:  # the readiness checks are optional for planning
-        pass
+    if device == "cuda":
+        # The readiness checks are about mps: what they say (the CPU fallback included)
+        # does not apply to an explicit CUDA that is not there.
+        findings = cuda_findings(env)
     else:
         every = check_environment(env)
         findings = tuple(f for f in every if f.level == "error") or tuple(
@@ -749,106 +608,61 @@ def _raise_unavailable(env: Environment, device: str) -> None:
 # dtype -------------------------------------------------------------------------------
 
 
+def _mps_bf16(env: Environment) -> bool:
+    return (
+        release(env.torch_version) >= MPS_BF16_TORCH.release
+        and release(env.macos_version) >= MPS_BF16_MACOS.release
+    )
+
+
 def _dtype(
     env: Environment, device: str, facts: PipelineFacts, asked: torch.dtype | None
-) -> tuple[torch.dtype, str]:
+) -> Decided:
     import torch
 
     bf16_weights = facts.weights_dtype == torch.bfloat16
-    mps_bf16 = (
-        _release(env.torch_version) >= MPS_BF16_TORCH.release
-        and _release(env.macos_version) >= MPS_BF16_MACOS.release
-    )
+    versions: dict[str, object] = {"torch": env.torch_version, "macos": env.macos_version}
     if asked is not None:
-        if device == "mps" and asked == torch.bfloat16 and not mps_bf16:
+        if device == "mps" and asked == torch.bfloat16 and not _mps_bf16(env):
             raise ValueError(
-                "dtype=bfloat16 cannot run on mps here: it needs torch 2.3+ and macOS 14+ "
-                f"(this machine: torch {env.torch_version}, macOS {env.macos_version}); "
-                "use dtype='float16'"
+                f"dtype=bfloat16 cannot run on mps here: it needs torch {MPS_BF16_TORCH}+ and "
+                f"macOS {MPS_BF16_MACOS}+ (this machine: torch {env.torch_version}, macOS "
+                f"{env.macos_version}); use dtype='float16'"
             )
         if device == "cpu" and asked == torch.float16:
-            return asked, (
-                "asked for (float16); note that float16 is emulated on the CPU (a float16 "
-                "conv measured 1,300x slower than float32)."
-            )
+            return asked, "dtype.asked-cpu-float16", {}
         if device == "cpu" and asked == torch.bfloat16 and not env.cpu_bf16_supported:
-            return asked, (
-                "asked for (bfloat16); note that this CPU has no native bfloat16 "
-                f"instructions, so it is emulated ({CPU_BF16_EMULATED})."
-            )
-        return asked, _asked(asked)
+            return asked, "dtype.asked-cpu-bfloat16", {}
+        return _asked(asked)
     if device == "mps":
-        if bf16_weights and mps_bf16:
-            return torch.bfloat16, (
-                f"the model's own weights are bfloat16 and torch {env.torch_version} on macOS "
-                f"{env.macos_version} supports bfloat16 on mps (needs torch 2.3+, macOS 14+)."
-            )
+        if bf16_weights and _mps_bf16(env):
+            return torch.bfloat16, "dtype.mps-bfloat16-weights", versions
         if bf16_weights:
-            return torch.float16, (
-                "float16 on mps: the model's weights are bfloat16, but bfloat16 on mps needs "
-                f"torch 2.3+ and macOS 14+ (here torch {env.torch_version}, macOS "
-                f"{env.macos_version})."
-            )
-        return torch.float16, (
-            "float16 on mps, as the source document loads it: half the memory of float32 "
-            "(ComfyUI, InvokeAI and A1111 also run fp16 there)."
-        )
+            return torch.float16, "dtype.mps-bfloat16-unsupported", versions
+        return torch.float16, "dtype.mps-float16", {}
     if device == "cuda":
         if bf16_weights and env.cuda_bf16_supported:
-            return torch.bfloat16, (
-                "the model's own weights are bfloat16 and this GPU computes bfloat16 natively."
-            )
-        return torch.float16, (
-            "float16 on CUDA: 2.6x faster than float32 with half the peak memory "
-            "(H100, SD 1.5, batch 4: 1.04 vs 2.65 s, 4.44 vs 8.80 GiB)."
-        )
+            return torch.bfloat16, "dtype.cuda-bfloat16-weights", {}
+        return torch.float16, "dtype.cuda-float16", {}
     if env.cpu_bf16_supported:
-        return torch.bfloat16, (
-            "bfloat16 on the CPU: this processor computes bfloat16 natively (AVX512-BF16 or "
-            "AMX), and there SD 1.5 ran 1.76x faster than in float32 at 0.54x the peak "
-            "memory (2-core AMD EPYC: 36.1 vs 63.7 s/image, 3.25 vs 5.95 GiB; "
-            "docs/explanation/benchmarks.md)."
-        )
-    return torch.float32, (
-        "float32 on the CPU: this processor has no native bfloat16 instructions, and "
-        f"emulated half precision is slow ({CPU_BF16_EMULATED}; float16 convs 1,300x)."
-    )
+        return torch.bfloat16, "dtype.cpu-bfloat16", {}
+    return torch.float32, "dtype.cpu-float32", {}
 
 
-def _half(dtype: torch.dtype) -> bool:
-    import torch
-
-    return dtype != torch.float32
-
-
-def _vae_dtype(
-    dtype: torch.dtype, facts: PipelineFacts, *, device: str, guarded: bool
-) -> tuple[torch.dtype, str]:
+def _vae_dtype(dtype: torch.dtype, facts: PipelineFacts, device: str, guarded: bool) -> Decided:
     import torch
 
     if dtype != torch.float16:
-        return dtype, f"{_dtype_name(dtype)} like the rest: force_upcast guards fp16 only."
+        return dtype, "vae_dtype.not-float16", {"dtype": dtype}
     if facts.vae_force_upcast is None:
-        return dtype, "float16 like the rest: no VAE config to read (no pipeline given)."
+        return dtype, "vae_dtype.no-config", {}
     if not facts.vae_force_upcast:
-        return dtype, "float16 like the rest: the VAE config does not ask for force_upcast."
+        return dtype, "vae_dtype.no-force-upcast", {}
     if facts.upcasts_vae_itself:
-        return dtype, (
-            f"float16: the VAE config says force_upcast and {facts.class_name} upcasts it to "
-            "float32 for each decode itself (a float32 VAE would be cast down to float16 by "
-            "that pipeline's mps branch)."
-        )
+        return dtype, "vae_dtype.pipeline-upcasts", {"pipeline": facts.class_name}
     if device == "cuda" and guarded:
-        return dtype, (
-            "float16 on CUDA although the VAE config says force_upcast: the NaN guard decodes "
-            "again in float32 if a decode overflows and keeps float32 from then on (A1111's "
-            "approach), while a float32 VAE up front cost 55% more peak memory (H100, SD 1.5, "
-            "batch 4: 6.15 vs 3.97 GiB; docs/explanation/benchmarks.md)."
-        )
-    return torch.float32, (
-        "float32: the VAE config says force_upcast (fp16 VAE decodes overflow to NaN/black: "
-        "A1111 #12923, InvokeAI #4083), so it stays float32 while the rest is float16."
-    )
+        return dtype, "vae_dtype.cuda-guarded", {}
+    return torch.float32, "vae_dtype.force-upcast", {}
 
 
 # memory ------------------------------------------------------------------------------
@@ -872,37 +686,42 @@ def decode_bytes(height: int, width: int, batch: int, dtype: torch.dtype) -> int
 def _memory_tight(
     env: Environment,
     device: str,
-    *,
     dtype: torch.dtype,
-    height: int | None,
-    width: int | None,
-    options: _Options,
-) -> tuple[bool, str]:
+    size: tuple[int | None, int | None],
+    options: Options,
+) -> Decided:
+    height, width = size
+    ram = env.total_memory
     if device == "mps":
-        if env.total_memory is None:
-            return True, "mps with unknown RAM: assumed under the source rule's 64 GB."
-        if env.total_memory < SLICING_RAM_THRESHOLD:
-            return True, (
-                f"mps with {_gib(env.total_memory)} of unified memory, under the source "
-                "rule's 64 GB (memory pressure there means swapping)."
-            )
+        if ram is None:
+            return True, "memory_tight.mps-ram-unknown", {}
+        if ram < SLICING_RAM_THRESHOLD:
+            return True, "memory_tight.mps-low-ram", {"ram": ram}
     available = _device_memory(env, device)
     if height is None or width is None:
         if device == "mps":
-            return False, f"mps with {_gib(env.total_memory)} (>= 64 GB); image size unknown."
-        return False, "image size unknown, so no decode estimate: not tight."
+            return False, "memory_tight.mps-size-unknown", {"ram": ram}
+        return False, "memory_tight.size-unknown", {}
     batch = options.batch_size or 1
     need = decode_bytes(height, width, batch, dtype)
-    where = "GPU memory" if device == "cuda" else "available memory"
+    where = _where(device)
     if available is None:
-        return device == "mps", f"{where} unknown; the decode needs ~{_size(need)}."
+        return device == "mps", "memory_tight.memory-unknown", {"where": where, "need": need}
     share = need / available
     verdict = share > TIGHT_DECODE_SHARE
-    return verdict, (
-        f"decoding {batch} image(s) of {width}x{height} needs ~{_size(need)}, "
-        f"{share:.0%} of {_gib(available)} {where} "
-        f"({'over' if verdict else 'within'} the {TIGHT_DECODE_SHARE:.0%} share; "
-        "VAE decode measured at ~3.8 KB per pixel in float32)."
+    return (
+        verdict,
+        "memory_tight.decode-share",
+        {
+            "batch": batch,
+            "width": width,
+            "height": height,
+            "need": need,
+            "share": share,
+            "available": available,
+            "where": where,
+            "verdict": "over" if verdict else "within",
+        },
     )
 
 
@@ -944,16 +763,25 @@ def attention_chunk_elements(
     return 1 << (elements.bit_length() - 1)
 
 
-def _chunk_reason(env: Environment, dtype: torch.dtype, device: str, chunk: int) -> str:
+def _chunk(
+    env: Environment, dtype: torch.dtype, device: str, slicing: bool, processor: str
+) -> Decided:
+    if not slicing:
+        return None, "attention_chunk_elements.slicing-off", {}
+    if processor != "safe":
+        return None, "attention_chunk_elements.diffusers", {}
+    chunk = attention_chunk_elements(env, dtype, device=device)
     available = _device_memory(env, device)
-    where = "GPU memory" if device == "cuda" else "available memory"
+    where = _where(device)
     seen = (
-        f"{where} (unknown: 2 GiB assumed)" if available is None else f"{_gib(available)} {where}"
+        Phrase("memory-unknown", {"where": where})
+        if available is None
+        else Phrase("memory-seen", {"available": available, "where": where})
     )
     return (
-        f"2**{chunk.bit_length() - 1} elements per score block: a quarter of {seen} "
-        f"over 3 live {_dtype_name(dtype)} blocks, capped at 2**28 to stay 8x under mps's "
-        "2**31-element limit (pytorch #84039, #179352)."
+        chunk,
+        "attention_chunk_elements.bound",
+        {"exponent": chunk, "seen": seen, "dtype": dtype},
     )
 
 
@@ -963,181 +791,102 @@ def _chunk_reason(env: Environment, dtype: torch.dtype, device: str, chunk: int)
 def _attention_slicing(
     env: Environment,
     device: str,
-    *,
     facts: PipelineFacts,
-    height: int | None,
-    width: int | None,
+    size: tuple[int | None, int | None],
     asked: bool | None,
-) -> tuple[bool, str]:
+) -> Decided:
+    height, width = size
     if facts.supports_attention_slicing is False:
-        why = (
-            f"the {facts.denoiser_class} denoiser has no attention slicing in diffusers "
-            "(enable_attention_slicing() silently does nothing on transformer-based pipelines)"
-        )
+        fields: dict[str, object] = {"denoiser": facts.denoiser_class}
         if asked:
-            import warnings
-
-            warnings.warn(
-                f"attention_slicing=True ignored: {why}.",
-                UserWarning,
-                stacklevel=4,
-            )
-            return False, f"asked for, but ignored: {why}."
-        return False, f"off: {why}."
+            return False, "attention_slicing.ignored-unsupported", fields
+        return False, "attention_slicing.unsupported", fields
     if asked is not None:
-        return asked, _asked(asked)
+        return _asked(asked)
     if device != "mps":
-        if device == "cuda":
-            return False, (
-                "never automatic on CUDA: slicing cost 1.8-2.7x time and saved no memory "
-                "against SDPA (H100, SD 1.5)."
-            )
-        return False, (
-            "never automatic on the CPU: SDPA beat diffusers' slicing on time and memory "
-            "(SD 1.5 UNet at 512 px: 17-20 s vs 25-28 s per forward)."
-        )
-    big = height is not None and width is not None and height * width > SLICING_PIXELS_THRESHOLD
-    if env.total_memory is None or env.total_memory < SLICING_RAM_THRESHOLD:
-        ram = "unknown RAM" if env.total_memory is None else _gib(env.total_memory)
-        return True, (
-            f"mps with {ram}, under 64 GB: the source rule slices there (full score matrices "
-            "materialise on mps: 2.7e8 elements per call for SD 1.5 at 512 px)."
-        )
-    if big:
-        return True, (
-            f"{width}x{height} is larger than 512x512: the source rule slices attention for "
-            "such images on mps."
-        )
-    size = "unknown size" if height is None or width is None else f"{width}x{height}"
-    return False, (
-        f"mps with {_gib(env.total_memory)} (>= 64 GB) and {size} (not over 512x512): the "
-        "source rule does not slice."
-    )
+        return False, f"attention_slicing.{device}", {}
+    ram = env.total_memory
+    if ram is None:
+        return True, "attention_slicing.mps-ram-unknown", {}
+    if ram < SLICING_RAM_THRESHOLD:
+        return True, "attention_slicing.mps-low-ram", {"ram": ram}
+    if height is not None and width is not None and height * width > SLICING_PIXELS_THRESHOLD:
+        return True, "attention_slicing.mps-large-image", {"width": width, "height": height}
+    shown = "unknown size" if height is None or width is None else f"{width}x{height}"
+    return False, "attention_slicing.mps-roomy", {"ram": ram, "size": shown}
 
 
-def _processor_reason(processor: str, slicing: bool) -> str:
-    when = "" if slicing else " (unused: attention slicing is off)"
-    if processor == "safe":
-        return (
-            "safe: mps_helpers' chunked SDPA; diffusers' sliced attention gives NaN/black "
-            f"images on mps (diffusers #11229, #14438; pytorch #187521){when}."
-        )
-    return f"diffusers: asked for diffusers' own enable_attention_slicing(){when}."
+def _processor(processor: str, slicing: bool) -> Decided:
+    return processor, f"attention_processor.{processor}{'' if slicing else '-unused'}", {}
 
 
 # VAE ---------------------------------------------------------------------------------
 
 
-def _vae_slicing(
-    tight: bool, options: _Options, asked: bool | None, *, device: str
-) -> tuple[bool, str]:
+def _vae_slicing(tight: bool, options: Options, asked: bool | None, device: str) -> Decided:
     if asked is not None:
-        return asked, _asked(asked)
+        return _asked(asked)
     batch = options.batch_size
     if batch == 1:
-        return False, "one image per call: there is nothing to slice."
+        return False, "vae_slicing.single-image", {}
     if not tight:
         if device == "cuda":
-            return False, (
-                "GPU memory is not tight, so the decode runs as one batch: sliced decode "
-                "saved 1.4 GiB but cost ~4% time in paired runs "
-                "(H100, SD 1.5, batch 4; docs/explanation/benchmarks.md)."
-            )
-        return False, "memory is not tight, so the decode runs as one batch."
+            return False, "vae_slicing.cuda-not-tight", {}
+        return False, "vae_slicing.not-tight", {}
     if batch is None:
-        return True, (
-            "memory is tight and the batch size unknown: sliced decode only acts on batches "
-            "and cut peak memory 35% for ~4% time (H100, SD 1.5, batch 4)."
-        )
-    return True, (
-        f"{batch} images per call on a memory-tight machine: sliced decode cut peak memory "
-        "35% for ~4% time (H100, SD 1.5, batch 4)."
-    )
+        return True, "vae_slicing.tight-batch-unknown", {}
+    return True, "vae_slicing.tight", {"batch": batch}
 
 
-def _vae_tiling(
-    tight: bool, height: int | None, width: int | None, asked: bool | None
-) -> tuple[bool, str]:
+def _vae_tiling(tight: bool, size: tuple[int | None, int | None], asked: bool | None) -> Decided:
     if asked is not None:
-        return asked, _asked(asked)
+        return _asked(asked)
+    height, width = size
     if height is None or width is None:
-        return False, "image size unknown: no tiling."
-    side = max(height, width)
-    if side <= TILING_SIDE_THRESHOLD:
-        return False, f"{width}x{height} is not larger than 1024 px: no tiling."
+        return False, "vae_tiling.size-unknown", {}
+    fields: dict[str, object] = {"width": width, "height": height}
+    if max(height, width) <= TILING_SIDE_THRESHOLD:
+        return False, "vae_tiling.small", fields
     if not tight:
-        return False, f"{width}x{height} is larger than 1024 px, but memory is not tight."
-    return True, (
-        f"{width}x{height} is larger than 1024 px on a memory-tight machine: tiled decode "
-        "halved VAE memory at 768 px (CPU: 2,193 to 1,035 MB, +38% time)."
-    )
+        return False, "vae_tiling.not-tight", fields
+    return True, "vae_tiling.tight", fields
 
 
 # per-call behaviour ------------------------------------------------------------------
 
 
-def _warmup(env: Environment, device: str, asked: bool | None) -> tuple[bool, str]:
+def _warmup(env: Environment, device: str, asked: bool | None) -> Decided:
     if asked is not None:
-        return asked, _asked(asked)
+        return _asked(asked)
     if device != "mps":
-        return False, "off: the first-pass difference is an mps problem."
-    if _release(env.torch_version)[:2] == (1, 13):
-        return True, (
-            f"torch {env.torch_version} on mps: the first pass differs from later ones, and "
-            "the source document's workaround is a one-step warmup pass."
-        )
-    return False, (
-        f"torch {env.torch_version or 'unknown'} on mps: the first-pass problem was a 1.13 "
-        "one (diffusers PR #2771 dropped its warmup, 'Resolved in PyTorch 2')."
-    )
+        return False, "warmup.not-mps", {}
+    fields: dict[str, object] = {"torch": env.torch_version}
+    if release(env.torch_version)[:2] == WARMUP_TORCH_RELEASE:
+        return True, "warmup.torch-1.13", fields
+    return False, "warmup.fixed-torch", fields
 
 
-def _batch_to_loop(device: str, asked: bool | None) -> tuple[bool, str]:
+def _batch_to_loop(device: str, asked: bool | None) -> Decided:
     if asked is not None:
-        return asked, _asked(asked)
-    if device == "mps":
-        return True, (
-            "mps: batched prompts crash or give noise there (diffusers #363, pytorch #84039), "
-            "so prompts run one at a time."
-        )
-    if device == "cuda":
-        return False, "off on CUDA: looping prompts cost 2.5-4x (H100: 2.63 vs 1.04 s for 4)."
-    return False, "off on the CPU: batches run correctly there."
+        return _asked(asked)
+    return device == "mps", f"batch_to_loop.{device}", {}
 
 
-def _nan_guard(dtype: torch.dtype, asked: bool | None) -> tuple[bool, str]:
-    import torch
-
+def _nan_guard(dtype: torch.dtype, asked: bool | None) -> Decided:
     if asked is not None:
-        return asked, _asked(asked)
-    if dtype == torch.float32:
-        return False, "off in float32: the NaN/black-image failures are half-precision ones."
-    return True, (
-        f"{_dtype_name(dtype)} can give NaN/black images (ComfyUI #3521, #4799; SDXL's VAE: "
-        "A1111 #12923), so outputs are checked."
-    )
+        return _asked(asked)
+    if not _half(dtype):
+        return False, "nan_guard.float32", {}
+    return True, "nan_guard.half", {"dtype": dtype}
 
 
-def _oom_retry(device: str, asked: bool | None) -> tuple[bool, str]:
+def _oom_retry(device: str, asked: bool | None) -> Decided:
     if asked is not None:
-        return asked, _asked(asked)
-    if device == "cpu":
-        return False, "off on the CPU: the OS swaps or kills the process rather than raising."
-    kind = "there a plain RuntimeError" if device == "mps" else "torch.cuda.OutOfMemoryError"
-    return True, (
-        f"{device} raises on out-of-memory ({kind}), so a call is retried once with a "
-        "stricter plan (slicing, tiling, looping)."
-    )
+        return _asked(asked)
+    return device != "cpu", f"oom_retry.{device}", {}
 
 
-def _memory_watch(device: str, asked: bool | None) -> tuple[bool, str]:
+def _memory_watch(device: str, asked: bool | None) -> Decided:
     if asked is not None:
-        return asked, _asked(asked)
-    if device == "mps":
-        return True, (
-            "mps: unified memory swaps long before torch's limit (1.7x the working set, "
-            "above physical RAM), so swap growth is watched (diffusers #548)."
-        )
-    if device == "cuda":
-        return False, "off on CUDA: GPU memory never swaps; running out raises instead."
-    return False, "off on the CPU: no GPU working set to spill into swap (opt in with True)."
+        return _asked(asked)
+    return device == "mps", f"memory_watch.{device}", {}

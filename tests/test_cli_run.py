@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from mps_helpers import _cli
+from mps_helpers._options import OPTIONS
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -251,7 +252,9 @@ def test_run_help_lists_the_plan_options(capsys: pytest.CaptureFixture[str]) -> 
         _cli.main(["run", "--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    for flag, _keyword, _choices, _help in _cli._PLAN_OPTIONS:
+    flags = [option.flag for option in OPTIONS if option.flag]
+    assert len(flags) == 11  # every option but the size and batch ones
+    for flag in flags:
         assert flag in out
 
 

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -186,11 +187,26 @@ def test_transformer_pipelines_never_slice_attention(name: str) -> None:
     assert result.attention_slicing_supported is False
 
 
-def test_asking_to_slice_a_transformer_warns_and_stays_off() -> None:
-    with pytest.warns(UserWarning, match="SD3Transformer2DModel"):
+def test_asking_to_slice_a_transformer_is_recorded_and_stays_off() -> None:
+    # The plan itself is pure: it records what it ignored and does not warn.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         result = plan("linux-cpu", SD3, attention_slicing=True)
     assert result.attention_slicing is False
+    assert result.rules["attention_slicing"] == "attention_slicing.ignored-unsupported"
     assert result.reasons["attention_slicing"].startswith("asked for, but ignored")
+    assert "SD3Transformer2DModel" in result.ignored["attention_slicing"]
+    assert result.to_dict()["ignored"] == dict(result.ignored)
+    assert not plan("linux-cpu", SD3).ignored
+
+
+def test_plan_for_warns_once_at_the_callers_line(pipes: dict[str, Any]) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = plan_for(pipes["sd3"], env=MACHINES["linux-cpu"], attention_slicing=True)
+    assert [str(w.message) for w in caught] == [result.ignored["attention_slicing"]]
+    assert caught[0].category is UserWarning
+    assert caught[0].filename == __file__
 
 
 @ALL
@@ -291,7 +307,7 @@ def test_every_decision_has_a_reason_and_explicit_values_win(name: str) -> None:
 def test_reasons_carry_the_evidence() -> None:
     m1 = plan("m1-8gb-macos12.6-torch1.13")
     assert "8 GiB" in m1.reasons["attention_slicing"]
-    assert "64 GB" in m1.reasons["attention_slicing"]
+    assert "64 GiB" in m1.reasons["attention_slicing"]
     assert "#363" in m1.reasons["batch_to_loop"]
     assert "1.13" in m1.reasons["warmup"]
     cuda = plan("linux-cuda")
