@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 ROOT = Path(__file__).resolve().parent.parent
 # Build from the working tree even when the package is not installed.
 sys.path.insert(0, str(ROOT))
 
 from mps_helpers import __version__  # noqa: E402  (needs the path above)
+
+if TYPE_CHECKING:
+    from docutils import nodes
 
 project = "mps_helpers"
 author = "mps_helpers developers"
@@ -84,6 +87,81 @@ def _cli_help_directive() -> type:
 
 
 # ---------------------------------------------------------------------------------------
+# Tables generated from the package's own data, so that the pages cannot drift from it:
+# ``{plan-options}`` (the options schema), ``{plan-rules}`` and ``{plan-evidence}`` (the
+# rules and the evidence behind the plan's reasons).
+
+
+def _cell(text: object) -> str:
+    # Markdown table cells: no pipes, no "2**28 ... 2**31" read as emphasis, and a rule's
+    # "<field>" is text, not an HTML tag.
+    out = str(text)
+    for char in "|*<":
+        out = out.replace(char, "\\" + char)
+    return out
+
+
+def options_table() -> str:
+    """Return the plan options as a Markdown table (the ``{plan-options}`` directive)."""
+    from mps_helpers._options import OPTIONS
+
+    lines = [
+        "| option | default | valid values | command line | what it controls |",
+        "|---|---|---|---|---|",
+    ]
+    for option in OPTIONS:
+        flag = f"`{option.flag} {' / '.join(option.cli_choices or ['VALUE'])}`"
+        lines.append(
+            f"| `{option.name}` | `{option.default!r}` | {_cell(option.valid)} | "
+            f"{flag if option.flag else ''} | {_cell(option.help)} |"
+        )
+    return "\n".join(lines)
+
+
+def rules_table() -> str:
+    """Return every rule of the plan as a Markdown table (the ``{plan-rules}`` directive)."""
+    from mps_helpers._plan import DECISIONS
+    from mps_helpers._reasons import RULES, cited_evidence, template_text
+
+    lines = [
+        "| decision | rule id | reason (`<field>`: what the rule saw) | evidence |",
+        "|---|---|---|---|",
+    ]
+    order = {name: index for index, name in enumerate(("", *DECISIONS))}
+    for rule_id, rule in sorted(RULES.items(), key=lambda item: order[item[1].decision]):
+        text = template_text(rule_id)
+        if rule.warning is not None:
+            text += f" Warns: {template_text(rule_id, warning=True)}"
+        cited = ", ".join(f"`{e}`" for e in cited_evidence(rule_id))
+        lines.append(f"| {rule.decision or 'any'} | `{rule_id}` | {_cell(text)} | {cited} |")
+    return "\n".join(lines)
+
+
+def evidence_table() -> str:
+    """Return the evidence registry as a Markdown table (the ``{plan-evidence}`` directive)."""
+    from mps_helpers._reasons import EVIDENCE
+
+    lines = ["| id | claim | figures | source |", "|---|---|---|---|"]
+    for key, item in EVIDENCE.items():
+        lines.append(
+            f"| `{key}` | {_cell(item.claim)} | {_cell(item.figure)} | {_cell(item.source)} |"
+        )
+    return "\n".join(lines)
+
+
+def _table_directive(render: Any) -> type:
+    from sphinx.util.docutils import SphinxDirective
+
+    class Table(SphinxDirective):
+        """Insert a Markdown table generated from the package."""
+
+        def run(self) -> list[nodes.Node]:
+            return self.parse_text_to_nodes(render())
+
+    return Table
+
+
+# ---------------------------------------------------------------------------------------
 # Top-level pages other than the tutorial (a benchmarks page, ...) join the "Start here"
 # toctree when they exist: a glob that matches nothing would be a warning, and a page in no
 # toctree is one too.
@@ -125,5 +203,8 @@ def _check_api_reference(app: Any) -> None:
 def setup(app: Any) -> None:
     """Register the project's directive and hooks."""
     app.add_directive("cli-help", _cli_help_directive())
+    app.add_directive("plan-options", _table_directive(options_table))
+    app.add_directive("plan-rules", _table_directive(rules_table))
+    app.add_directive("plan-evidence", _table_directive(evidence_table))
     app.connect("source-read", _add_top_level_pages)
     app.connect("builder-inited", _check_api_reference)

@@ -653,7 +653,7 @@ def _vae_dtype(dtype: torch.dtype, facts: PipelineFacts, device: str, guarded: b
     import torch
 
     if dtype != torch.float16:
-        return dtype, "vae_dtype.not-float16", {"dtype": dtype}
+        return dtype, "vae_dtype.not-float16", {}
     if facts.vae_force_upcast is None:
         return dtype, "vae_dtype.no-config", {}
     if not facts.vae_force_upcast:

@@ -63,6 +63,7 @@ __all__ = [
     "cited_evidence",
     "reason",
     "template_fields",
+    "template_text",
     "warning",
 ]
 
@@ -145,11 +146,6 @@ _DTYPE_PAGE = "docs/explanation/decisions.md#dtype"
 #: Evidence by id; templates cite it as ``{id.claim}``, ``{id.figure}``, ``{id.source}``.
 EVIDENCE: Mapping[str, Evidence] = types.MappingProxyType(
     {
-        "source_rule": Evidence(
-            "the diffusers guide's rules for mps (device, attention slicing, warmup, loops)",
-            "",
-            "diffusers documentation, optimization/mps",
-        ),
         "peers_fp16": Evidence(
             "ComfyUI, InvokeAI and A1111 also run fp16 there",
             "",
@@ -187,8 +183,8 @@ EVIDENCE: Mapping[str, Evidence] = types.MappingProxyType(
         ),
         "vae_decode_768": Evidence(
             "the VAE decode's working memory grows with the pixels decoded",
-            "SD 1.5's VAE on the CPU at 768 px: 2,193 MB over its weights, 1,035 MB tiled "
-            "(+38% time)",
+            "SD 1.5's VAE on the CPU at 768 px: 2,193 MB over its weights, 1,035 MB tiled, "
+            "+38% time",
             "docs/explanation/decisions.md#memory-tight",
         ),
         "mps_score_matrix": Evidence(
@@ -329,18 +325,17 @@ RULES: Mapping[str, Rule] = types.MappingProxyType(
         **_rules(
             "vae_dtype",
             {
-                "not-float16": "{dtype} like the rest: force_upcast guards fp16 only.",
-                "no-config": "float16 like the rest: no VAE config to read (no pipeline given).",
-                "no-force-upcast": "float16 like the rest: the VAE config does not ask for "
-                "force_upcast.",
-                "pipeline-upcasts": "float16: the VAE config says force_upcast and {pipeline} "
-                "upcasts it to float32 for each decode itself (a float32 VAE would be cast "
-                "down to float16 by that pipeline's mps branch).",
+                "not-float16": "like the rest: force_upcast guards fp16 only.",
+                "no-config": "like the rest: no VAE config to read (no pipeline given).",
+                "no-force-upcast": "like the rest: the VAE config does not ask for force_upcast.",
+                "pipeline-upcasts": "like the rest: the VAE config says force_upcast and "
+                "{pipeline} upcasts it to float32 for each decode itself (a float32 VAE would "
+                "be cast down to float16 by that pipeline's mps branch).",
                 "cuda-guarded": "float16 on CUDA although the VAE config says force_upcast: "
                 "the NaN guard decodes again in float32 if a decode overflows and keeps "
                 "float32 from then on (A1111's approach), while {cuda_fp32_vae.claim} "
                 "({cuda_fp32_vae.figure}; {cuda_fp32_vae.source}).",
-                "force-upcast": "float32: the VAE config says force_upcast "
+                "force-upcast": "the VAE config says force_upcast "
                 "({fp16_vae_overflow.claim}: {fp16_vae_overflow.source}), so it stays "
                 "float32 while the rest is float16.",
             },
@@ -395,8 +390,8 @@ RULES: Mapping[str, Rule] = types.MappingProxyType(
         **_rules(
             "attention_chunk_elements",
             {
-                "slicing-off": "None: attention slicing is off.",
-                "diffusers": "None: diffusers' own slicing picks its slices.",
+                "slicing-off": "unused: attention slicing is off.",
+                "diffusers": "unused: diffusers' own slicing picks its slices.",
                 "bound": "{exponent:pow2} elements per score block: {attention_share:.0%} of "
                 "{seen} over {live_blocks} live {dtype} blocks, capped at {chunk_cap:pow2} to "
                 "stay {chunk_margin}x under mps's {mps_limit:pow2}-element limit "
@@ -498,10 +493,18 @@ class Phrase(NamedTuple):
 # Formatting
 
 
+class _Field(str):
+    """A rule field shown by name (:func:`template_text`)."""
+
+    __slots__ = ()
+
+
 class _Formatter(string.Formatter):
     """str.format with the reasons' specs and their rendering of None and dtypes."""
 
     def format_field(self, value: Any, format_spec: str) -> str:
+        if isinstance(value, _Field):
+            return f"<{value}>"
         if value is None:
             return "unknown"
         if isinstance(value, Phrase):
@@ -566,3 +569,15 @@ def cited_evidence(rule_id: str) -> tuple[str, ...]:
         if root in EVIDENCE and root not in cited:
             cited.append(root)
     return tuple(cited)
+
+
+def template_text(rule_id: str, *, warning: bool = False) -> str:
+    """Return a rule's reason (or warning) with constants and evidence filled in, fields as <name>.
+
+    The docs' list of rules shows each rule this way.
+    """
+    rule = RULES[rule_id]
+    text = rule.warning if warning else rule.template
+    if text is None:
+        raise ValueError(f"rule {rule_id!r} has no warning")
+    return _render(text, rule_id, {name: _Field(name) for name in template_fields(rule_id)})

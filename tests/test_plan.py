@@ -86,6 +86,7 @@ def test_device_rule(name: str) -> None:
     assert result.device == expected_device(env)
     if env.is_rosetta:
         assert "Rosetta" in result.reasons["device"]
+        assert result.rules["device"] == "device.rosetta"
     assert name not in MPS_MACHINES or result.device == "mps"
 
 
@@ -97,6 +98,8 @@ def test_dtype_rule(name: str) -> None:
         # bfloat16 only where the CPU computes it natively (benchmarks: 1.76x, 0.54x memory).
         assert result.dtype == (torch.bfloat16 if env.cpu_bf16_supported else torch.float32)
         assert ("natively" if env.cpu_bf16_supported else "emulated") in result.reasons["dtype"]
+        bf16 = env.cpu_bf16_supported
+        assert result.rules["dtype"] == ("dtype.cpu-bfloat16" if bf16 else "dtype.cpu-float32")
     else:
         assert result.dtype == torch.float16
 
@@ -183,6 +186,7 @@ def test_transformer_pipelines_never_slice_attention(name: str) -> None:
     assert result.attention_slicing is False
     assert "SD3Transformer2DModel" in result.reasons["attention_slicing"]
     assert "silently does nothing" in result.reasons["attention_slicing"]
+    assert result.rules["attention_slicing"] == "attention_slicing.unsupported"
     assert result.attention_chunk_elements is None
     assert result.attention_slicing_supported is False
 
@@ -253,6 +257,7 @@ def test_memory_tight_off_mps_when_the_batch_is_big_for_the_memory() -> None:
     assert result.memory_tight
     assert result.vae_slicing
     assert "over the 25% share" in result.reasons["memory_tight"]
+    assert result.rules["memory_tight"] == "memory_tight.decode-share"
     large = make_plan(SD15, small, validate_options(batch_size=4, height=2048, width=2048))
     assert large.vae_tiling
 
@@ -300,6 +305,7 @@ def test_every_decision_has_a_reason_and_explicit_values_win(name: str) -> None:
     for key, value in switches.items():
         assert getattr(flipped, key) is value
         assert flipped.reasons[key].startswith("asked for")
+        assert flipped.rules[key] == "asked"
     assert flipped.device == "cpu"
     assert flipped.dtype == torch.bfloat16
 
@@ -312,8 +318,12 @@ def test_reasons_carry_the_evidence() -> None:
     assert "1.13" in m1.reasons["warmup"]
     cuda = plan("linux-cuda")
     assert "1.8-2.7x" in cuda.reasons["attention_slicing"]
+    assert m1.rules["attention_slicing"] == "attention_slicing.mps-low-ram"
+    assert m1.rules["warmup"] == "warmup.torch-1.13"
+    assert cuda.rules["attention_slicing"] == "attention_slicing.cuda"
     big = plan("m4-128gb-macos15-torch-latest", height=768, width=768)
     assert "768x768 is larger than 512x512" in big.reasons["attention_slicing"]
+    assert big.rules["attention_slicing"] == "attention_slicing.mps-large-image"
 
 
 # ---------------------------------------------------------------------------------------
@@ -437,8 +447,9 @@ def test_asking_for_mps_on_this_machine_raises_unless_it_has_mps() -> None:
 
 
 def test_asking_for_cuda_without_it_raises() -> None:
-    with pytest.raises(DeviceUnavailableError, match="device='cuda'"):
+    with pytest.raises(DeviceUnavailableError, match="device='cuda'") as info:
         plan_for(env=MACHINES["m2-16gb-macos13-torch2.0"], device="cuda")
+    assert "no CUDA device is usable" in str(info.value)
 
 
 def test_env_none_means_this_machine() -> None:
@@ -479,6 +490,8 @@ def test_plan_to_dict_is_json_ready() -> None:
     assert data["vae_dtype"] == "float32"
     assert data["options"]["dtype"] == "float16"
     assert set(data["reasons"]) >= set(DECISIONS)
+    assert set(data["rules"]) == set(DECISIONS)
+    assert data["ignored"] == {}
 
 
 def test_plan_pickles_and_copies() -> None:
@@ -495,6 +508,8 @@ def test_plan_replace_for_a_stricter_plan() -> None:
     assert stricter.attention_slicing
     assert stricter.attention_chunk_elements == 2**26
     assert "Plan.replace" in stricter.reasons["vae_tiling"]
+    assert stricter.rules["vae_tiling"] == "replaced"
+    assert stricter.rules["device"] == result.rules["device"]
     assert stricter.reasons["device"] == result.reasons["device"]
     explained = result.replace(vae_slicing=True, reasons={"vae_slicing": "out of memory."})
     assert explained.reasons["vae_slicing"] == "out of memory."

@@ -1,0 +1,306 @@
+"""Tests of the reasons as data: every rule reachable, no figure typed into a template, and
+the reason fixes a new user asked for; the plan's warnings come once, at the user's line."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import re
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import torch
+from machines import MACHINES
+
+import mps_helpers
+from mps_helpers import DeviceUnavailableError, check_environment
+from mps_helpers._options import validate_options
+from mps_helpers._plan import DECISIONS, PipelineFacts, Plan, _show, make_plan
+from mps_helpers._reasons import (
+    CONSTANTS,
+    EVIDENCE,
+    PHRASES,
+    RULES,
+    SLICING_RAM_THRESHOLD,
+    cited_evidence,
+    reason,
+    template_fields,
+    template_text,
+)
+from mps_helpers._util import GiB
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from mps_helpers import Environment
+
+SD15 = PipelineFacts(
+    class_name="StableDiffusionPipeline",
+    denoiser_class="UNet2DConditionModel",
+    supports_attention_slicing=True,
+    vae_force_upcast=True,
+    weights_dtype=torch.float32,
+    default_height=512,
+    default_width=512,
+)
+FACTS = {
+    "sd15": SD15,
+    "sdxl": dataclasses.replace(SD15, upcasts_vae_itself=True, class_name="SDXL"),
+    "sd3": dataclasses.replace(SD15, denoiser_class="SD3", supports_attention_slicing=False),
+    "bf16": dataclasses.replace(SD15, weights_dtype=torch.bfloat16),
+    "no-upcast": dataclasses.replace(SD15, vae_force_upcast=False),
+    "unknown": PipelineFacts(),
+}
+OPTIONS: list[dict[str, Any]] = [
+    {},
+    {"batch_size": 1},
+    {"batch_size": 4},
+    {"height": 768, "width": 768},
+    {"height": 1536, "width": 1536},
+    {"height": 2048, "width": 2048, "batch_size": 4},
+    {"nan_guard": False},
+    {"attention_slicing": True},
+    {"attention_slicing": True, "attention_processor": "diffusers"},
+    {"attention_processor": "diffusers"},
+    {"device": "cpu", "dtype": "float16"},
+    {"device": "cpu", "dtype": "bfloat16"},
+    {"vae_tiling": True, "warmup": False},
+]
+
+
+def machines() -> dict[str, Environment]:
+    """The fake machines, and variants of them for the rules' rarer branches."""
+    out = dict(MACHINES)
+    m2 = MACHINES["m2-16gb-macos13-torch2.0"]
+    out["m2-ram-unknown"] = m2.replace(total_memory=None)
+    out["m2-available-unknown"] = m2.replace(available_memory=None)
+    out["m3-available-unknown"] = MACHINES["m3max-64gb-macos14"].replace(available_memory=None)
+    out["m2-mps-not-built"] = m2.replace(mps_built=False, mps_available=False)
+    out["m2-mps-unusable"] = m2.replace(mps_available=False)
+    out["cuda-small-card"] = MACHINES["linux-cuda"].replace(cuda_total_memory=6 * GiB)
+    out["cuda-memory-unknown"] = MACHINES["linux-cuda"].replace(cuda_total_memory=None)
+    out["rosetta-with-cuda"] = MACHINES["rosetta-m1"].replace(cuda_available=True)
+    out["m2-mps-unusable-cuda"] = m2.replace(mps_available=False, cuda_available=True)
+    out["cpu-tiny"] = MACHINES["linux-cpu"].replace(available_memory=GiB)
+    return out
+
+
+def all_plans() -> list[Plan]:
+    plans = []
+    for env, facts, options in itertools.product(machines().values(), FACTS.values(), OPTIONS):
+        try:
+            plans.append(make_plan(facts, env, validate_options(**options)))
+        except ValueError:  # bfloat16 asked on an mps that cannot run it
+            continue
+    return plans
+
+
+PLANS = all_plans()
+
+
+def test_every_rule_is_reachable_from_some_fake_machine() -> None:
+    reached = {rule for plan in PLANS for rule in plan.rules.values()}
+    # Plan.replace's rules are reached through it (next test), not by the plan's rules.
+    assert reached == set(RULES) - {"replaced", "stricter"}
+
+
+def test_replace_and_the_stricter_plan_have_their_rules() -> None:
+    from mps_helpers._guards import stricter_plan
+
+    plan = make_plan(SD15, MACHINES["m3max-64gb-macos14"], validate_options())
+    assert plan.replace(vae_tiling=True).rules["vae_tiling"] == "replaced"
+    stricter = stricter_plan(plan)
+    assert stricter is not None
+    assert stricter.rules["vae_slicing"] == "replaced"
+    named = plan.replace(vae_slicing=True, rules={"vae_slicing": "stricter"})
+    assert named.rules["vae_slicing"] == "stricter"
+    assert named.reasons["vae_slicing"] == reason("stricter")
+
+
+def test_every_decision_of_every_plan_names_a_rule_of_that_decision() -> None:
+    for plan in PLANS:
+        assert set(plan.rules) == set(DECISIONS)
+        for name, rule in plan.rules.items():
+            assert RULES[rule].decision in ("", name)
+
+
+def test_every_template_formats_from_known_names() -> None:
+    for rule_id in RULES:
+        text = template_text(rule_id)
+        assert "{" not in text
+        assert "}" not in text
+        assert not template_fields(rule_id) & (set(CONSTANTS) | set(EVIDENCE))
+    for phrase_id in PHRASES:
+        assert phrase_id in {f"fallback-{d}" for d in ("cuda", "cpu")} | {
+            "memory-seen",
+            "memory-unknown",
+        }
+
+
+def test_every_piece_of_evidence_is_cited() -> None:
+    cited = {e for rule_id in RULES for e in cited_evidence(rule_id)}
+    assert cited == set(EVIDENCE)
+    for item in EVIDENCE.values():
+        assert item.claim
+        assert item.source
+
+
+#: Words with digits that are names, not figures.
+NAMES_WITH_DIGITS = {"float16", "float32", "bfloat16", "fp16", "arm64", "AVX512-BF16", "A1111's"}
+
+
+@pytest.mark.parametrize("rule_id", list(RULES))
+def test_templates_type_no_figures(rule_id: str) -> None:
+    # A threshold or a measurement in a reason comes from the constants or the evidence:
+    # the template itself holds no number (so the two cannot disagree).
+    rule = RULES[rule_id]
+    for text in (rule.template, rule.warning or ""):
+        words = re.sub(r"\{[^}]*\}", " ", text).split()
+        figures = [
+            w for w in words if re.search(r"\d", w) and w.strip(".,;:()") not in NAMES_WITH_DIGITS
+        ]
+        assert figures == [], f"{rule_id} types {figures}"
+
+
+def test_reasons_follow_the_constants() -> None:
+    text = reason("memory_tight.mps-low-ram", {"ram": 8 * GiB})
+    assert f"under the source rule's {SLICING_RAM_THRESHOLD // GiB} GiB" in text
+    assert "8 GiB" in text
+    finding = next(
+        f
+        for f in check_environment(MACHINES["m1-8gb-macos12.6-torch1.13"])
+        if f.code == "low-memory"
+    )
+    assert f"under {SLICING_RAM_THRESHOLD // GiB} GiB" in finding.message
+
+
+def test_the_evidence_cites_docs_pages_and_issues_not_internal_files() -> None:
+    for item in EVIDENCE.values():
+        assert "EVIDENCE" not in item.source
+        assert "/work/" not in item.source
+
+
+# ---------------------------------------------------------------------------------------
+# The reason fixes a new user asked for
+
+
+def test_no_reason_repeats_its_value_as_a_label() -> None:
+    # `run -v` logs "name = value: reason": a reason starting "safe:" read "safe: safe:".
+    for plan in PLANS:
+        for name in DECISIONS:
+            value = _show(getattr(plan, name)).lower()
+            assert not plan.reasons[name].lower().startswith(f"{value}:"), (name, plan.rules)
+
+
+def test_the_verbose_log_says_each_value_once(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="mps_helpers._plan"):
+        make_plan(SD15, MACHINES["m1-8gb-macos12.6-torch1.13"], validate_options())
+    line = next(r.getMessage() for r in caplog.records if "attention_processor" in r.getMessage())
+    assert "safe: safe:" not in line
+    assert line.startswith("plan: attention_processor = safe: mps_helpers' chunked SDPA")
+
+
+def test_the_cpu_is_described_with_the_same_figure_everywhere() -> None:
+    figure = EVIDENCE["cpu_sd15"].figure
+    finding = next(
+        f for f in check_environment(MACHINES["linux-cpu"]) if f.code == "not-apple-silicon"
+    )
+    assert "minutes" not in finding.message
+    assert figure in finding.message
+    assert "36.1 s per image" in finding.message
+    cpu = make_plan(SD15, MACHINES["linux-cpu-bf16"], validate_options())
+    assert figure in cpu.reasons["dtype"]
+
+
+def test_the_memory_watch_reason_does_not_prescribe_one_spelling() -> None:
+    cpu = make_plan(SD15, MACHINES["linux-cpu"], validate_options())
+    text = cpu.reasons["memory_watch"]
+    assert "True" not in text
+    assert "opt in with" not in text
+
+
+def test_an_explicit_cuda_without_cuda_says_so_without_promising_a_fallback() -> None:
+    with pytest.raises(DeviceUnavailableError, match="device='cuda'") as info:
+        mps_helpers.plan_for(env=MACHINES["linux-cpu"], device="cuda")
+    message = str(info.value)
+    assert "CUDA" in message
+    assert "CPU-only build" in message  # torch 2.13.0+cpu
+    assert "Apple Silicon" not in message
+    assert "will use" not in message
+    assert "mps" not in message
+    assert [f.code for f in info.value.findings] == ["cuda-unavailable"]
+    assert info.value.findings[0].fix
+
+
+def test_demo_with_an_unusable_cuda_reports_cuda(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from mps_helpers import _cli, _environment
+
+    monkeypatch.setattr(_environment, "detect_environment", lambda **kw: MACHINES["linux-cpu"])
+    status = _cli.main(["demo", "--device", "cuda", "--output", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "no CUDA device is usable" in err
+    assert "Not an Apple Silicon Mac" not in err
+    assert "will use the CPU" not in err
+
+
+# ---------------------------------------------------------------------------------------
+# The plan is pure; the entry points warn once, at the user's line
+
+
+@pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mps_helpers.testing import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("sd3"), "sd3")
+
+
+QUIET: dict[str, Any] = {
+    "env": MACHINES["linux-cpu"],
+    "device": "cpu",
+    "batch_to_loop": False,
+    "nan_guard": False,
+}
+
+
+def _one_warning(caught: list[warnings.WarningMessage]) -> warnings.WarningMessage:
+    ours = [w for w in caught if "attention_slicing=True ignored" in str(w.message)]
+    assert len(ours) == 1, [str(w.message) for w in caught]
+    assert ours[0].category is UserWarning
+    assert "SD3Transformer2DModel" in str(ours[0].message)
+    return ours[0]
+
+
+def test_load_pipeline_warns_once_at_the_users_line(sd3_dir: Path) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe = mps_helpers.load_pipeline(sd3_dir, attention_slicing=True, **QUIET)
+    assert _one_warning(caught).filename == __file__
+    plan = mps_helpers.plan_of(pipe)
+    assert plan is not None
+    assert plan.rules["attention_slicing"] == "attention_slicing.ignored-unsupported"
+
+
+def test_prepare_pipeline_warns_once_at_the_users_line() -> None:
+    from mps_helpers.testing import tiny_pipeline
+
+    pipe = tiny_pipeline("sd3")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mps_helpers.prepare_pipeline(pipe, attention_slicing=True, **QUIET)
+    assert _one_warning(caught).filename == __file__
+
+
+def test_auto_prepare_warns_once_at_the_users_line(sd3_dir: Path) -> None:
+    from diffusers import DiffusionPipeline
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with mps_helpers.auto_prepare(attention_slicing=True, **QUIET):
+            pipe = DiffusionPipeline.from_pretrained(sd3_dir)
+    assert _one_warning(caught).filename == __file__
+    assert mps_helpers.plan_of(pipe) is not None
