@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from mps_helpers._version import __version__
 
 if TYPE_CHECKING:
-    from mps_helpers._apply import load_pipeline, plan_of, prepare_pipeline
+    from mps_helpers._apply import plan_of, prepare_pipeline
     from mps_helpers._attention import SafeSlicedAttnProcessor
     from mps_helpers._auto import AutoPrepareWarning, auto_prepare
     from mps_helpers._checks import Finding, check_environment
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
         OutOfMemoryRetryWarning,
         WarmupError,
     )
+    from mps_helpers._load import load_pipeline
     from mps_helpers._plan import Plan, plan_for
     from mps_helpers._warmup import warmup
 
@@ -42,7 +43,7 @@ _EXPORTS: dict[str, str] = {
     "plan_for": "mps_helpers._plan",
     "prepare_pipeline": "mps_helpers._apply",
     "plan_of": "mps_helpers._apply",
-    "load_pipeline": "mps_helpers._apply",
+    "load_pipeline": "mps_helpers._load",
     "warmup": "mps_helpers._warmup",
     "SafeSlicedAttnProcessor": "mps_helpers._attention",
     "auto_prepare": "mps_helpers._auto",
