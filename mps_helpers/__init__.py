@@ -14,7 +14,7 @@ from mps_helpers._version import __version__
 if TYPE_CHECKING:
     from mps_helpers._apply import plan_of, prepare_pipeline
     from mps_helpers._attention import SafeSlicedAttnProcessor
-    from mps_helpers._auto import AutoPrepareWarning, auto_prepare
+    from mps_helpers._auto import AutoPrepare, AutoPrepareWarning, auto_prepare
     from mps_helpers._checks import Finding, check_environment
     from mps_helpers._distributed import generate
     from mps_helpers._environment import Environment, detect_environment
@@ -47,6 +47,7 @@ _EXPORTS: dict[str, str] = {
     "warmup": "mps_helpers._warmup",
     "SafeSlicedAttnProcessor": "mps_helpers._attention",
     "auto_prepare": "mps_helpers._auto",
+    "AutoPrepare": "mps_helpers._auto",
     "AutoPrepareWarning": "mps_helpers._auto",
     "generate": "mps_helpers._distributed",
     "BatchError": "mps_helpers._errors",
@@ -61,6 +62,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = [
+    "AutoPrepare",
     "AutoPrepareWarning",
     "BatchError",
     "DeviceOutOfMemoryError",
@@ -98,4 +100,5 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+    # Only the public names: the module's own helpers (importlib, _EXPORTS, ...) are not API.
+    return sorted(__all__)
