@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 from mps_helpers._version import __version__
 
 if TYPE_CHECKING:
-    from mps_helpers._apply import load_pipeline, plan_of, prepare_pipeline
+    from mps_helpers._apply import plan_of, prepare_pipeline
     from mps_helpers._attention import SafeSlicedAttnProcessor
-    from mps_helpers._auto import AutoPrepareWarning, auto_prepare
+    from mps_helpers._auto import AutoPrepare, AutoPrepareWarning, auto_prepare
     from mps_helpers._checks import Finding, check_environment
     from mps_helpers._distributed import generate
     from mps_helpers._environment import Environment, detect_environment
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
         OutOfMemoryRetryWarning,
         WarmupError,
     )
+    from mps_helpers._load import load_pipeline
     from mps_helpers._plan import Plan, plan_for
     from mps_helpers._warmup import warmup
 
@@ -42,10 +43,11 @@ _EXPORTS: dict[str, str] = {
     "plan_for": "mps_helpers._plan",
     "prepare_pipeline": "mps_helpers._apply",
     "plan_of": "mps_helpers._apply",
-    "load_pipeline": "mps_helpers._apply",
+    "load_pipeline": "mps_helpers._load",
     "warmup": "mps_helpers._warmup",
     "SafeSlicedAttnProcessor": "mps_helpers._attention",
     "auto_prepare": "mps_helpers._auto",
+    "AutoPrepare": "mps_helpers._auto",
     "AutoPrepareWarning": "mps_helpers._auto",
     "generate": "mps_helpers._distributed",
     "BatchError": "mps_helpers._errors",
@@ -60,6 +62,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = [
+    "AutoPrepare",
     "AutoPrepareWarning",
     "BatchError",
     "DeviceOutOfMemoryError",
@@ -97,4 +100,5 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+    # Only the public names: the module's own helpers (importlib, _EXPORTS, ...) are not API.
+    return sorted(__all__)

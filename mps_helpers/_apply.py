@@ -1,8 +1,9 @@
 """Applying a plan to a pipeline: move/cast, attention, VAE, and the prepared call.
 
 :func:`prepare_pipeline` validates the options, makes the plan (:func:`mps_helpers.plan_for`)
-and applies it; :func:`apply_plan` applies an existing plan (the out-of-memory retry uses it
-for a stricter one); :func:`load_pipeline` decides the dtype before loading, then prepares.
+and applies it; :func:`apply_plan` applies an existing plan (the out-of-memory retry gets it
+from the prepared call, for a stricter plan); :func:`plan_of` returns the plan applied.
+Loading is :mod:`mps_helpers._load`'s.
 
 A prepared pipeline keeps its identity: its class becomes a cached subclass of the original
 with the same name, qualname and module, whose ``__call__`` (same signature) goes through
@@ -14,30 +15,16 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import json
 import logging
-import os
-from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from packaging.version import InvalidVersion, Version
-
+from mps_helpers import _markers
+from mps_helpers._facts import check_pipeline, denoiser_of, facts_of
+from mps_helpers._markers import is_prepared_class, original_class
 from mps_helpers._options import Options, option_values, validate_options
-from mps_helpers._plan import (
-    PipelineFacts,
-    check_pipeline,
-    denoiser_of,
-    facts_of,
-    make_plan,
-    resolve_environment,
-    size_from,
-    unprepared_class,
-    upcasts_vae_itself,
-    warn_ignored,
-)
-from mps_helpers._util import dtype_name, module_dtype
+from mps_helpers._plan import make_plan, resolve_environment, warn_ignored
+from mps_helpers._util import module_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -47,31 +34,19 @@ if TYPE_CHECKING:
 
 __all__ = [
     "apply_plan",
-    "load_pipeline",
+    "is_prepared_class",
     "original_class",
     "plan_of",
     "prepare_pipeline",
+    "prepared_class",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: Instance attribute that holds the applied plan (read by the prepared call and the guards).
-PLAN_ATTR = "_mps_helpers_plan"
-#: Class attribute of a prepared class naming its original.
-_ORIGINAL_ATTR = "_mps_helpers_original"
-#: Denoiser attribute: the attention processors in place before this library replaced them.
-_SAVED_PROCESSORS_ATTR = "_mps_helpers_saved_processors"
-#: VAE attribute: the handles of the dtype-bridging hooks.
-_CAST_HOOKS_ATTR = "_mps_helpers_cast_hooks"
 #: Processors that compute plain attention and may be swapped for the safe one.
 _PLAIN_PROCESSORS = frozenset(
     {"AttnProcessor", "AttnProcessor2_0", "SlicedAttnProcessor", "SafeSlicedAttnProcessor"}
 )
-#: diffusers accepts ``dtype=`` in ``from_pretrained`` from 0.40 (read from the 0.39 and 0.40
-#: wheels); older releases know only ``torch_dtype=``.
-DTYPE_KEYWORD_SINCE = Version("0.40")
-#: Per-component dtype dicts (``{"default": ..., "vae": ...}``) from diffusers 0.33.
-DTYPE_DICT_SINCE = Version("0.33")
 
 
 # ---------------------------------------------------------------------------------------
@@ -115,12 +90,12 @@ def prepare_pipeline(
     """
     check_pipeline(pipe)
     options = validate_options(**option_values(locals()))
-    plan = _prepare(pipe, resolve_environment(env), options)
+    plan = prepare_quietly(pipe, resolve_environment(env), options)
     warn_ignored(plan)
     return pipe
 
 
-def _prepare(pipe: Any, env: Environment, options: Options) -> Plan:
+def prepare_quietly(pipe: Any, env: Environment, options: Options) -> Plan:
     """Plan and apply without warning (:func:`load_pipeline` warns once itself); return the plan."""
     plan = make_plan(facts_of(pipe), env, options)
     if plan == plan_of(pipe) and _state_matches(pipe, plan):
@@ -131,22 +106,14 @@ def _prepare(pipe: Any, env: Environment, options: Options) -> Plan:
 
 
 def plan_of(pipe: Any) -> Plan | None:
-    """Return the plan applied to ``pipe`` by :func:`prepare_pipeline` (None: never prepared)."""
-    state = getattr(pipe, "__dict__", None)
-    if not isinstance(state, dict) or not is_prepared_class(type(pipe)):
-        return None
-    plan: Plan | None = state.get(PLAN_ATTR)
-    return plan
+    """Return the plan applied to ``pipe`` by :func:`prepare_pipeline` (None: never prepared).
 
-
-def original_class(pipe: Any) -> type:
-    """Return the class ``pipe`` had before it was prepared (its class if it never was)."""
-    return unprepared_class(type(pipe))
-
-
-def is_prepared_class(cls: type) -> bool:
-    """Return True for a class made by :func:`prepared_class`."""
-    return _ORIGINAL_ATTR in cls.__dict__
+    Raises:
+        TypeError: ``pipe`` is not a diffusers pipeline (the message names its type), as
+            :func:`prepare_pipeline` says.
+    """
+    check_pipeline(pipe)
+    return _markers.stored_plan(pipe)
 
 
 def apply_plan(pipe: Any, plan: Plan) -> Any:
@@ -192,7 +159,9 @@ def prepared_class(original: type) -> type:
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:
         from mps_helpers import _call
 
-        return _call.prepared_call(self, functools.partial(original_call, self), args, kwargs)
+        return _call.prepared_call(
+            self, functools.partial(original_call, self), args, kwargs, reapply=apply_plan
+        )
 
     def reduce_ex(self: Any, protocol: Any) -> Any:
         # pickle looks classes up by module and qualname, which name the original class:
@@ -205,7 +174,7 @@ def prepared_class(original: type) -> type:
         "__module__": original.__module__,
         "__qualname__": original.__qualname__,
         "__doc__": original.__doc__,
-        _ORIGINAL_ATTR: original,
+        **_markers.prepared_namespace(original),
     }
     return type(original)(original.__name__, (original,), namespace)
 
@@ -221,7 +190,7 @@ def _attach(pipe: Any, plan: Plan) -> None:
     if type(pipe) is not cls:
         pipe.__class__ = cls
         logger.info("%s: calls now go through the prepared call", _name(pipe))
-    pipe.__dict__[PLAN_ATTR] = plan
+    _markers.set_plan(pipe, plan)
 
 
 # ---------------------------------------------------------------------------------------
@@ -349,7 +318,7 @@ def _bridge_vae(pipe: Any, plan: Plan) -> None:
     vae = pipe.components.get("vae")
     if not isinstance(vae, torch.nn.Module):
         return
-    handles = vae.__dict__.get(_CAST_HOOKS_ATTR)
+    handles = _markers.cast_hooks(vae)
     # Installed for every half-precision plan, not only a float32 VAE: the NaN guard may
     # upcast the VAE later, and the hooks are free when the dtypes already match.
     wanted = plan.dtype != torch.float32
@@ -366,7 +335,7 @@ def _bridge_vae(pipe: Any, plan: Plan) -> None:
                 encode_end = module
         if encode_end is not None:
             new.append(encode_end.register_forward_hook(_CastOutput(state)))
-        vae.__dict__[_CAST_HOOKS_ATTR] = new
+        _markers.set_cast_hooks(vae, new)
         logger.info("%s: VAE inputs are cast to the VAE's dtype (%s)", _name(pipe), plan.vae_dtype)
     elif not wanted and handles is not None:
         _remove_bridge(vae)
@@ -380,7 +349,7 @@ def _pre_hook(module: Any, hook: _CastInputs) -> Any:
 
 
 def _remove_bridge(vae: Any) -> None:
-    for handle in vae.__dict__.pop(_CAST_HOOKS_ATTR, None) or ():
+    for handle in _markers.pop_cast_hooks(vae) or ():
         handle.remove()
 
 
@@ -408,7 +377,7 @@ def _apply_attention(pipe: Any, plan: Plan) -> None:
     if not hasattr(denoiser, "set_attn_processor"):  # processors cannot be swapped one by one
         safe = None
     _restore_processors(pipe, denoiser, quiet=True)
-    denoiser.__dict__[_SAVED_PROCESSORS_ATTR] = dict(denoiser.attn_processors)
+    _markers.set_saved_processors(denoiser, dict(denoiser.attn_processors))
     if safe is None:
         denoiser.set_attention_slice("auto")
         logger.info("%s: diffusers' attention slicing on", _name(pipe))
@@ -432,7 +401,7 @@ def _apply_attention(pipe: Any, plan: Plan) -> None:
 
 
 def _restore_processors(pipe: Any, denoiser: Any, *, quiet: bool = False) -> None:
-    saved = denoiser.__dict__.pop(_SAVED_PROCESSORS_ATTR, None)
+    saved = _markers.pop_saved_processors(denoiser)
     if saved is None:
         return
     denoiser.set_attn_processor(dict(saved))
@@ -474,7 +443,7 @@ class _Snapshot:
 
     @classmethod
     def take(cls, pipe: Any) -> _Snapshot:
-        snap = cls(cls=type(pipe), plan=pipe.__dict__.get(PLAN_ATTR))
+        snap = cls(cls=type(pipe), plan=_markers.attached_plan(pipe))
         for name, module in _modules(pipe).items():
             snap.placement[name] = (_module_device(module), module_dtype(module))
         vae = pipe.components.get("vae")
@@ -482,11 +451,11 @@ class _Snapshot:
             snap.vae_flags = {
                 k: getattr(vae, k) for k in ("use_slicing", "use_tiling") if hasattr(vae, k)
             }
-            snap.bridged = _CAST_HOOKS_ATTR in getattr(vae, "__dict__", {})
+            snap.bridged = _markers.cast_hooks(vae) is not None
         denoiser = denoiser_of(pipe)
         if denoiser is not None and hasattr(denoiser, "attn_processors"):
             snap.processors = dict(denoiser.attn_processors)
-            snap.saved_processors = denoiser.__dict__.get(_SAVED_PROCESSORS_ATTR)
+            snap.saved_processors = _markers.saved_processors(denoiser)
         return snap
 
     def restore(self, pipe: Any) -> None:
@@ -507,9 +476,9 @@ class _Snapshot:
         if type(pipe) is not self.cls:
             pipe.__class__ = self.cls
         if self.plan is None:
-            pipe.__dict__.pop(PLAN_ATTR, None)
+            _markers.clear_plan(pipe)
         else:
-            pipe.__dict__[PLAN_ATTR] = self.plan
+            _markers.set_plan(pipe, self.plan)
 
     def _restore_placement(self, pipe: Any) -> None:
         for name, module in _modules(pipe).items():
@@ -533,265 +502,4 @@ class _Snapshot:
         if denoiser is None or self.processors is None:
             return
         denoiser.set_attn_processor(dict(self.processors))
-        if self.saved_processors is None:
-            denoiser.__dict__.pop(_SAVED_PROCESSORS_ATTR, None)
-        else:
-            denoiser.__dict__[_SAVED_PROCESSORS_ATTR] = self.saved_processors
-
-
-# ---------------------------------------------------------------------------------------
-# Loading with the plan
-
-
-def load_pipeline(
-    model_or_path: str | os.PathLike[str],
-    *,
-    env: Environment | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    batch_size: int | None = None,
-    device: str = "auto",
-    dtype: Any = "auto",
-    attention_slicing: bool | str = "auto",
-    attention_processor: str = "safe",
-    vae_slicing: bool | str = "auto",
-    vae_tiling: bool | str = "auto",
-    warmup: bool | str = "auto",
-    batch_to_loop: bool | str = "auto",
-    nan_guard: bool | str = "auto",
-    oom_retry: bool | str = "auto",
-    memory_watch: bool | str = "auto",
-    **from_pretrained_kwargs: Any,
-) -> Any:
-    """Load a pipeline in the planned dtype with ``from_pretrained``, then prepare it; return it.
-
-    The dtype is decided before loading (loading float32 and casting afterwards doubles the
-    peak memory, too much for an 8 GB Mac). When the plan is float16, ``variant="fp16"``
-    files are preferred and the default files used when the repository has none.
-    ``use_safetensors=True`` unless you pass it. The dtype goes to ``from_pretrained`` as
-    ``dtype=`` or ``torch_dtype=``, whichever the installed diffusers expects. A local
-    directory loads offline.
-
-    Args:
-        model_or_path: a Hub repository id or a local directory.
-        env, height, ..., memory_watch: the plan options of :func:`prepare_pipeline`;
-            ``torch_dtype=`` is accepted as another name for ``dtype``.
-        from_pretrained_kwargs: passed on to ``from_pretrained`` (``variant``, ``revision``,
-            ``local_files_only``, ...).
-
-    Raises:
-        ValueError: an option is not one of its valid values (raised before loading).
-    """
-    options = option_values(locals())
-    kwargs = dict(from_pretrained_kwargs)
-    options["dtype"] = _dtype_option(options["dtype"], kwargs.pop("torch_dtype", None))
-    validated = validate_options(**options)
-    machine = resolve_environment(env)
-
-    local = Path(os.fspath(model_or_path))
-    facts = facts_of_directory(local) if local.is_dir() else PipelineFacts()
-    plan = make_plan(facts, machine, validated)
-
-    import torch
-
-    kwargs.setdefault("use_safetensors", True)
-    installed = installed_diffusers_version()
-    load_dtype: Any = plan.dtype
-    if plan.vae_dtype != plan.dtype and installed is not None and installed >= DTYPE_DICT_SINCE:
-        load_dtype = {"default": plan.dtype, "vae": plan.vae_dtype}
-    kwargs[dtype_keyword(installed)] = load_dtype
-
-    fallback = False
-    if "variant" not in kwargs and plan.dtype == torch.float16:
-        if not local.is_dir():
-            kwargs["variant"] = "fp16"
-            fallback = True
-        elif has_variant(local, "fp16"):
-            kwargs["variant"] = "fp16"
-        else:
-            logger.info("%s has no fp16 variant files: loading its default files", local)
-    logger.info(
-        "loading %s with %s",
-        model_or_path,
-        ", ".join(f"{k}={_show_kwarg(v)}" for k, v in sorted(kwargs.items())),
-    )
-    pipe = _from_pretrained(model_or_path, kwargs, fallback=fallback)
-    # The plan again, now that the pipeline is known (a Hub id's facts were not); only this
-    # one is warned about, once.
-    warn_ignored(_prepare(pipe, machine, validated))
-    return pipe
-
-
-def _show_kwarg(value: Any) -> str:
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {_show_kwarg(v)}" for k, v in value.items()) + "}"
-    return dtype_name(value)
-
-
-def _dtype_option(dtype: Any, torch_dtype: Any) -> Any:
-    """Merge ``torch_dtype=`` (a from_pretrained name) into the plan's ``dtype`` option."""
-    if torch_dtype is None:
-        return dtype
-    if isinstance(torch_dtype, dict):
-        torch_dtype = torch_dtype.get("default", "auto")
-    if isinstance(dtype, str) and dtype == "auto":
-        return torch_dtype
-    if dtype != torch_dtype:
-        raise ValueError(
-            f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree: pass only dtype"
-        )
-    return dtype
-
-
-def _from_pretrained(model: Any, kwargs: dict[str, Any], *, fallback: bool) -> Any:
-    from diffusers import DiffusionPipeline
-
-    load: Any = DiffusionPipeline.from_pretrained
-    try:
-        return load(model, **kwargs)
-    except (OSError, ValueError) as exc:
-        message = str(exc).lower()
-        if not fallback or ("variant" not in message and ".fp16." not in message):
-            raise
-        logger.info("%s has no fp16 variant (%s): loading its default files", model, exc)
-        kwargs = {k: v for k, v in kwargs.items() if k != "variant"}
-        return load(model, **kwargs)
-
-
-def installed_diffusers_version() -> Version | None:
-    """Return the installed diffusers version, or None when unknown."""
-    from importlib import metadata
-
-    try:
-        return Version(metadata.version("diffusers"))
-    except (metadata.PackageNotFoundError, InvalidVersion):
-        return None
-
-
-def dtype_keyword(diffusers_version: Version | None) -> str:
-    """Return the ``from_pretrained`` keyword for the dtype: "dtype" from diffusers 0.40.
-
-    Older releases only know ``torch_dtype`` (and so does an unknown version, since every
-    release accepts it).
-    """
-    if diffusers_version is not None and diffusers_version >= DTYPE_KEYWORD_SINCE:
-        return "dtype"
-    return "torch_dtype"
-
-
-def has_variant(directory: Path, variant: str) -> bool:
-    """Return True when a saved pipeline directory has weight files of ``variant``."""
-    marker = f".{variant}."
-    for path in directory.rglob("*"):
-        name = path.name
-        if marker in name and name.endswith((".safetensors", ".bin", ".json")):
-            return True
-        # sharded variant files: diffusion_pytorch_model.fp16-00001-of-00002.safetensors
-        if f".{variant}-" in name and name.endswith((".safetensors", ".bin")):
-            return True
-    return False
-
-
-_SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
-
-
-def facts_of_directory(directory: Path) -> PipelineFacts:
-    """Return what a saved pipeline directory says about the pipeline, without loading it.
-
-    Reads ``model_index.json``, the VAE's and the denoiser's ``config.json`` and the header
-    of the denoiser's safetensors file (its stored dtype). Unknown parts stay None.
-    """
-    index = _read_json(directory / "model_index.json")
-    if index is None:
-        return PipelineFacts()
-    import diffusers
-
-    class_name = index.get("_class_name")
-    pipeline_class = getattr(diffusers, class_name, None) if isinstance(class_name, str) else None
-    denoiser_name = next(
-        (n for n in ("unet", "transformer", "prior", "decoder") if _component_class(index, n)),
-        None,
-    )
-    denoiser_class = _component_class(index, denoiser_name) if denoiser_name else None
-    denoiser_type = getattr(diffusers, denoiser_class, None) if denoiser_class else None
-    denoiser_config = _read_json(directory / (denoiser_name or "-") / "config.json") or {}
-    vae_config = _read_json(directory / "vae" / "config.json")
-    force_upcast = None
-    if vae_config is not None:
-        force_upcast = vae_config.get("force_upcast")
-        if force_upcast is None:
-            force_upcast = _init_default(
-                getattr(diffusers, str(vae_config.get("_class_name")), None)
-            )
-    scale = None
-    if vae_config is not None and isinstance(vae_config.get("block_out_channels"), list):
-        scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
-    height, width = size_from(denoiser_config.get("sample_size"), scale)
-    return PipelineFacts(
-        class_name=class_name if isinstance(class_name, str) else None,
-        denoiser_class=denoiser_class,
-        supports_attention_slicing=None
-        if denoiser_type is None
-        else hasattr(denoiser_type, "set_attention_slice"),
-        vae_force_upcast=None if force_upcast is None else bool(force_upcast),
-        upcasts_vae_itself=False
-        if not isinstance(pipeline_class, type)
-        else upcasts_vae_itself(pipeline_class),
-        weights_dtype=_stored_dtype(directory / denoiser_name) if denoiser_name else None,
-        default_height=height,
-        default_width=width,
-    )
-
-
-def _init_default(cls: Any) -> Any:
-    import inspect
-
-    if cls is None:
-        return None
-    param = inspect.signature(cls.__init__).parameters.get("force_upcast")
-    return None if param is None or param.default is inspect.Parameter.empty else param.default
-
-
-def _component_class(index: dict[str, Any], name: str | None) -> str | None:
-    entry = index.get(name) if name else None
-    if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str):
-        return entry[1]
-    return None
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _stored_dtype(folder: Path) -> torch.dtype | None:
-    """Return the dtype most tensors of a model folder's (non-variant) safetensors file have."""
-    files = sorted(p for p in folder.glob("*.safetensors") if p.name.count(".") == 1)
-    files = files or sorted(folder.glob("*.safetensors"))
-    if not files:
-        return None
-    try:
-        with files[0].open("rb") as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            if not 0 < size < 100 * 2**20:
-                return None
-            header = json.loads(handle.read(size))
-    except (OSError, ValueError):
-        return None
-    counts = Counter(
-        entry.get("dtype")
-        for key, entry in header.items()
-        if key != "__metadata__" and isinstance(entry, dict)
-    )
-    if not counts:
-        return None
-    name = _SAFETENSORS_DTYPES.get(str(counts.most_common(1)[0][0]))
-    if name is None:
-        return None
-    import torch
-
-    dtype: torch.dtype = getattr(torch, name)
-    return dtype
+        _markers.set_saved_processors(denoiser, self.saved_processors)

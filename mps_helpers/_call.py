@@ -25,7 +25,7 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-from mps_helpers import _guards
+from mps_helpers import _memory_watch, _nan_guard, _oom_retry
 from mps_helpers._batch import (
     IMAGE_KEYS,
     BoundCall,
@@ -35,6 +35,7 @@ from mps_helpers._batch import (
     split_batch,
 )
 from mps_helpers._errors import BatchError
+from mps_helpers._markers import PLAN_ATTR
 from mps_helpers._util import empty_device_cache, has_multi_controlnet
 from mps_helpers._warmup import ensure_warm, progress_config
 
@@ -45,7 +46,11 @@ if TYPE_CHECKING:
 
     from mps_helpers._plan import Plan
 
-__all__ = ["prepared_call"]
+    #: What applies a plan to a pipeline (:func:`mps_helpers._apply.apply_plan`): handed
+    #: down by the prepared class, so that the call layer never imports the apply layer.
+    Reapply = Callable[[Any, Plan], object]
+
+__all__ = ["call_with_recovery", "prepared_call"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,15 +71,22 @@ _standard_classes: dict[type, bool] = {}
 
 
 def prepared_call(
-    pipe: Any, call: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]
+    pipe: Any,
+    call: Callable[..., Any],
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    *,
+    reapply: Reapply | None = None,
 ) -> Any:
     """Return what ``call(*args, **kwargs)`` returns, with the pipeline's plan applied.
 
     Args:
-        pipe: the prepared pipeline; its plan is its ``_mps_helpers_plan`` attribute (any
-            object with the :class:`~mps_helpers.Plan` fields will do).
+        pipe: the prepared pipeline; its plan is the one :func:`mps_helpers._markers.attached_plan`
+            reads (any object with the :class:`~mps_helpers.Plan` fields will do).
         call: the pipeline's original ``__call__`` bound to ``pipe``.
         args, kwargs: the arguments the user gave.
+        reapply: applies a stricter plan to ``pipe`` for the out-of-memory retry (the
+            prepared class passes :func:`mps_helpers._apply.apply_plan`); None: no retry.
 
     Raises:
         ValueError: a looped batch's per-prompt arguments have mismatched lengths (raised
@@ -83,8 +95,9 @@ def prepared_call(
         BatchError: one prompt of a looped batch failed; the prompts before it are in its
             ``completed`` attribute.
     """
-    plan = getattr(pipe, "_mps_helpers_plan", None)
-    # The fast path: one attribute read and five truth tests over the raw call.
+    # The fast path: one attribute read (the marker, see _markers.attached_plan) and five
+    # truth tests over the raw call.
+    plan: Plan | None = getattr(pipe, PLAN_ATTR, None)
     if plan is None or not (
         plan.warmup or plan.batch_to_loop or plan.nan_guard or plan.oom_retry or plan.memory_watch
     ):
@@ -105,9 +118,41 @@ def prepared_call(
         prompts = batch_size(run_kwargs)
         if run_plan.batch_to_loop and prompts > 1:
             return _run_looped(pipe, run_plan, call, run_kwargs, prompts)
-        return _guards.call_with_nan_guard(pipe, run_plan, call, run_kwargs)
+        return _nan_guard.call_with_nan_guard(pipe, run_plan, call, run_kwargs)
 
-    return _guards.call_with_recovery(pipe, plan, run_all, bound.kwargs)
+    return call_with_recovery(pipe, plan, run_all, bound.kwargs, reapply=reapply)
+
+
+def call_with_recovery(
+    pipe: Any,
+    plan: Plan,
+    run_all: Callable[[dict[str, Any], Plan], Any],
+    kwargs: dict[str, Any],
+    *,
+    reapply: Reapply | None,
+) -> Any:
+    """Return ``run_all(kwargs, plan)``, run under the out-of-memory and memory-pressure guards.
+
+    With ``plan.oom_retry`` (and a ``reapply`` to apply the stricter plan with), an
+    out-of-memory error frees the device cache and the call runs once more with
+    :func:`~mps_helpers._plan.stricter_plan`, kept for later calls (see
+    :func:`mps_helpers._oom_retry.run_with_retry`). With ``plan.memory_watch``, swap growth
+    over :data:`~mps_helpers._memory_watch.SWAP_GROWTH_LIMIT` during the call gives one
+    :class:`~mps_helpers.MemoryPressureWarning` per pipeline.
+
+    Raises:
+        DeviceOutOfMemoryError: out of memory also with the stricter plan, or with no
+            stricter plan left to try; ``__cause__`` is torch's last error.
+    """
+    # Through the module, so that tests can replace the reading with fake ones.
+    before = _memory_watch.read_memory() if plan.memory_watch else None
+    if plan.oom_retry and reapply is not None:
+        result, plan_used = _oom_retry.run_with_retry(pipe, plan, run_all, kwargs, reapply=reapply)
+    else:
+        result, plan_used = run_all(kwargs, plan), plan
+    if before is not None:
+        _memory_watch.check_swap(pipe, plan_used, before, _memory_watch.read_memory())
+    return result
 
 
 def _split(pipe: Any, bound: BoundCall, prompts: int) -> list[dict[str, Any]]:
@@ -125,7 +170,7 @@ def _run_looped(
     """Run a batch of ``prompts`` prompts one at a time and return the merged result."""
     bound = bind_call(call, (), kwargs)
     if bound is None:  # pragma: no cover - kwargs came from bind_call, so they bind
-        return _guards.call_with_nan_guard(pipe, plan, call, kwargs)
+        return _nan_guard.call_with_nan_guard(pipe, plan, call, kwargs)
     items = _split(pipe, bound, prompts)
     per_prompt = bound.num_images_per_prompt
     generator = kwargs.get("generator")
@@ -141,7 +186,7 @@ def _run_looped(
             if index:
                 _free_between(plan)
             try:
-                output = _guards.call_with_nan_guard(pipe, plan, call, item)
+                output = _nan_guard.call_with_nan_guard(pipe, plan, call, item)
             except Exception as exc:
                 completed = merge_outputs(outputs) if outputs else None
                 raise BatchError(

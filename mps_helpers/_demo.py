@@ -40,7 +40,8 @@ def demo_pipeline(model: str | None, options: Mapping[str, Any]) -> Any:
         ImportError: no ``model`` and transformers (the ``testing`` extra) is missing.
         ValueError: an option's value is invalid.
     """
-    from mps_helpers._apply import load_pipeline, prepare_pipeline
+    from mps_helpers._apply import prepare_pipeline
+    from mps_helpers._load import load_pipeline
 
     if model is not None:
         return load_pipeline(model, **options)

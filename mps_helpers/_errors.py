@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import warnings
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -19,7 +17,6 @@ __all__ = [
     "NonFiniteOutputWarning",
     "OutOfMemoryRetryWarning",
     "WarmupError",
-    "warn_at_caller",
 ]
 
 
@@ -103,31 +100,3 @@ class MemoryPressureWarning(RuntimeWarning):
 
 class OutOfMemoryRetryWarning(RuntimeWarning):
     """The device ran out of memory; a retry with a stricter memory plan worked (and stays)."""
-
-
-def warn_at_caller(message: str, category: type[Warning]) -> None:
-    """Warn with ``message``, attributed to the first caller outside this library.
-
-    The line shown is the user's (their ``prepare_pipeline(...)`` or ``from_pretrained(...)``
-    under ``auto_prepare``), however deep in mps_helpers (or in diffusers, which calls the
-    loaders ``auto_prepare`` wraps) the warning is raised.
-    """
-    import sys
-
-    frame = sys._getframe(0)
-    level = 1
-    while frame.f_back is not None and _is_internal(frame.f_code.co_filename):
-        frame = frame.f_back
-        level += 1
-    warnings.warn(message, category, stacklevel=level)
-
-
-def _is_internal(filename: str) -> bool:
-    import sys
-
-    folders = [os.path.dirname(__file__)]
-    diffusers = sys.modules.get("diffusers")
-    if diffusers is not None and getattr(diffusers, "__file__", None):
-        folders.append(os.path.dirname(diffusers.__file__ or ""))
-    path = os.path.abspath(filename)
-    return any(path.startswith(folder + os.sep) for folder in folders)

@@ -15,15 +15,13 @@ ignores an explicit option says so in ``plan.ignored``, and the public entry poi
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
 import logging
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from mps_helpers._errors import warn_at_caller
+from mps_helpers._facts import PipelineFacts, facts_of
 from mps_helpers._options import (
     PROCESSORS,
     Options,
@@ -48,7 +46,7 @@ from mps_helpers._reasons import (
     reason,
     warning,
 )
-from mps_helpers._util import DEVICES, dtype_name, release
+from mps_helpers._util import DEVICES, dtype_name, release, warn_at_caller
 
 if TYPE_CHECKING:
     import torch
@@ -66,6 +64,7 @@ __all__ = [
     "DECISIONS",
     "DECODE_BYTES_PER_PIXEL_FP32",
     "DEVICES",
+    "MEMORY_SAVERS",
     "MPS_BF16_MACOS",
     "MPS_BF16_TORCH",
     "PROCESSORS",
@@ -74,11 +73,12 @@ __all__ = [
     "TIGHT_DECODE_SHARE",
     "TILING_SIDE_THRESHOLD",
     "UNKNOWN_AVAILABLE_MEMORY",
-    "PipelineFacts",
     "Plan",
     "attention_chunk_elements",
-    "facts_of",
+    "can_slice_attention",
+    "plan_changes",
     "plan_for",
+    "stricter_plan",
     "validate_options",
     "warn_ignored",
 ]
@@ -102,144 +102,6 @@ DECISIONS: tuple[str, ...] = (
     "oom_retry",
     "memory_watch",
 )
-# ---------------------------------------------------------------------------------------
-# What the plan knows about a pipeline
-
-
-@dataclass(frozen=True)
-class PipelineFacts:
-    """What the plan needs to know about a pipeline, read from the object or its directory.
-
-    Every field may be None ("unknown"): :func:`plan_for` without a pipeline plans from
-    the machine alone.
-    """
-
-    #: The pipeline class's name ("StableDiffusionPipeline").
-    class_name: str | None = None
-    #: The denoiser's class name ("UNet2DConditionModel", "SD3Transformer2DModel").
-    denoiser_class: str | None = None
-    #: The denoiser implements ``set_attention_slice`` (only UNet-based ones do).
-    supports_attention_slicing: bool | None = None
-    #: The VAE config's ``force_upcast``.
-    vae_force_upcast: bool | None = None
-    #: The pipeline's own ``__call__`` upcasts a ``force_upcast`` VAE for decoding (SDXL family).
-    upcasts_vae_itself: bool = False
-    #: The dtype of the denoiser's weights as they are now (or as stored, before loading).
-    weights_dtype: torch.dtype | None = None
-    #: The pipeline's default output size in pixels.
-    default_height: int | None = None
-    default_width: int | None = None
-
-
-def facts_of(pipe: Any) -> PipelineFacts:
-    """Return the :class:`PipelineFacts` of a diffusers pipeline object (reads, changes nothing).
-
-    Raises:
-        TypeError: ``pipe`` is not a diffusers ``DiffusionPipeline``.
-    """
-    check_pipeline(pipe)
-    import torch
-
-    components: dict[str, Any] = dict(pipe.components)
-    denoiser = denoiser_of(pipe)
-    vae = components.get("vae")
-    weights_dtype = None
-    if isinstance(denoiser, torch.nn.Module):
-        weights_dtype = next((p.dtype for p in denoiser.parameters()), None)
-    force_upcast = None
-    if vae is not None and hasattr(vae, "config"):
-        force_upcast = bool(getattr(vae.config, "force_upcast", False))
-    height, width = _default_size(pipe, denoiser, vae)
-    return PipelineFacts(
-        class_name=unprepared_class(type(pipe)).__name__,
-        denoiser_class=None if denoiser is None else type(denoiser).__name__,
-        supports_attention_slicing=None
-        if denoiser is None
-        else hasattr(denoiser, "set_attention_slice"),
-        vae_force_upcast=force_upcast,
-        upcasts_vae_itself=upcasts_vae_itself(unprepared_class(type(pipe))),
-        weights_dtype=weights_dtype,
-        default_height=height,
-        default_width=width,
-    )
-
-
-def unprepared_class(cls: type) -> type:
-    """Return the original of a prepared pipeline class (``cls`` itself otherwise)."""
-    # The prepared subclass records its original (see mps_helpers._apply); looked up in the
-    # class's own namespace so that a user's subclass of a prepared class is not confused.
-    original = cls.__dict__.get("_mps_helpers_original")
-    return original if isinstance(original, type) else cls
-
-
-def check_pipeline(pipe: Any) -> None:
-    """Raise TypeError unless ``pipe`` is a diffusers ``DiffusionPipeline``."""
-    from diffusers import DiffusionPipeline
-
-    if not isinstance(pipe, DiffusionPipeline):
-        kind = type(pipe)
-        raise TypeError(
-            f"expected a diffusers pipeline (a DiffusionPipeline such as "
-            f"StableDiffusionPipeline), got {kind.__module__}.{kind.__qualname__}"
-        )
-
-
-#: Component names that hold the denoiser, most common first.
-_DENOISER_NAMES = ("unet", "transformer", "prior", "decoder")
-
-
-def denoiser_of(pipe: Any) -> Any:
-    """Return the pipeline's denoiser (its ``unet`` or ``transformer``), or None."""
-    components: Mapping[str, Any] = pipe.components
-    for name in _DENOISER_NAMES:
-        module = components.get(name)
-        if module is not None and hasattr(module, "parameters"):
-            return module
-    return None
-
-
-def _default_size(pipe: Any, denoiser: Any, vae: Any) -> tuple[int | None, int | None]:
-    sample = getattr(pipe, "default_sample_size", None)
-    if sample is None and denoiser is not None:
-        sample = getattr(getattr(denoiser, "config", None), "sample_size", None)
-    scale = getattr(pipe, "vae_scale_factor", None)
-    if scale is None and vae is not None:
-        blocks = getattr(getattr(vae, "config", None), "block_out_channels", None)
-        scale = 2 ** (len(blocks) - 1) if blocks else None
-    return size_from(sample, scale)
-
-
-def size_from(sample: Any, scale: Any) -> tuple[int | None, int | None]:
-    """Return (height, width) in pixels from a denoiser's ``sample_size`` and the VAE scale."""
-    if not isinstance(scale, int) or sample is None:
-        return None, None
-    if isinstance(sample, int):
-        return sample * scale, sample * scale
-    if isinstance(sample, (list, tuple)) and len(sample) == 2:
-        return int(sample[0]) * scale, int(sample[1]) * scale
-    return None, None
-
-
-@functools.cache
-def upcasts_vae_itself(pipeline_class: type) -> bool:
-    """Return True when the pipeline class's own ``__call__`` upcasts a force_upcast VAE.
-
-    The SDXL family (and a few others) check ``vae.config.force_upcast`` while decoding and
-    upcast an fp16 VAE to float32 themselves. Detected from the source of the pipeline's
-    module (cached per class); falls back to the presence of ``upcast_vae``.
-    """
-    for klass in pipeline_class.__mro__:
-        if klass.__module__.startswith("diffusers.pipelines.pipeline_utils") or klass is object:
-            continue
-        try:
-            source = inspect.getsource(inspect.getmodule(klass))  # type: ignore[arg-type]
-        except (OSError, TypeError):
-            return hasattr(pipeline_class, "upcast_vae")
-        if "config.force_upcast" in source:
-            return True
-    return False
-
-
 # ---------------------------------------------------------------------------------------
 # The plan
 
@@ -890,3 +752,46 @@ def _memory_watch(device: str, asked: bool | None) -> Decided:
     if asked is not None:
         return _asked(asked)
     return device == "mps", f"memory_watch.{device}", {}
+
+
+# ---------------------------------------------------------------------------------------
+# The stricter plan (the out-of-memory retry's policy)
+
+#: The plan fields :func:`stricter_plan` turns on, with how the messages name them.
+MEMORY_SAVERS: tuple[tuple[str, str], ...] = (
+    ("attention_slicing", "attention slicing on"),
+    ("vae_slicing", "VAE slicing on"),
+    ("vae_tiling", "VAE tiling on"),
+    ("batch_to_loop", "prompts run one at a time"),
+)
+
+
+def stricter_plan(plan: Plan) -> Plan | None:
+    """Return ``plan`` with every memory saver on, or None when all of them already are.
+
+    The savers are attention slicing, VAE slicing, VAE tiling and running prompts one at a
+    time (``batch_to_loop``). Attention slicing is left as it is when ``plan`` says the
+    denoiser cannot slice its attention (a transformer denoiser with diffusers' processor).
+    """
+    changes: dict[str, Any] = {}
+    for name, _label in MEMORY_SAVERS:
+        if getattr(plan, name):
+            continue
+        if name == "attention_slicing" and not can_slice_attention(plan):
+            continue
+        changes[name] = True
+    if not changes:
+        return None
+    return plan.replace(**changes, rules=dict.fromkeys(changes, "stricter"))
+
+
+def can_slice_attention(plan: Plan) -> bool:
+    """Return whether attention slicing can work on the plan's denoiser."""
+    # The plan records whether slicing can work on this denoiser; older plans that lack the
+    # field are assumed to allow it (turning it on is then harmless at worst).
+    return bool(getattr(plan, "attention_slicing_supported", True))
+
+
+def plan_changes(old: Plan, new: Plan) -> list[str]:
+    """Return how the messages name the memory savers that ``new`` turns on over ``old``."""
+    return [label for name, label in MEMORY_SAVERS if getattr(new, name) and not getattr(old, name)]

@@ -1,4 +1,4 @@
-"""Small helpers every layer shares: byte sizes, dtype names, versions, devices, caches.
+"""Small helpers every layer shares: byte sizes, dtype names, versions, devices, caches, warnings.
 
 This is a bottom module: it imports nothing of the package, and neither torch nor diffusers
 at import (the functions that need torch find it in :data:`sys.modules` or import it).
@@ -6,12 +6,18 @@ at import (the functions that need torch find it in :data:`sys.modules` or impor
 
 from __future__ import annotations
 
+import os
 import sys
+import warnings
+import weakref
 from typing import TYPE_CHECKING, Any, Literal
 
 from packaging.version import InvalidVersion, Version
 
 if TYPE_CHECKING:
+    import logging
+    from types import FrameType
+
     import torch
 
 __all__ = [
@@ -26,6 +32,8 @@ __all__ = [
     "module_dtype",
     "parse_version",
     "release",
+    "warn_at_caller",
+    "warn_once",
 ]
 
 GiB = 2**30
@@ -38,6 +46,12 @@ Device = Literal["mps", "cuda", "cpu"]
 
 DEVICES: tuple[Device, ...] = ("mps", "cuda", "cpu")
 """The devices a plan can choose, in the order ``device="auto"`` prefers them."""
+
+# Frames of this package are skipped so that warnings point at the user's line.
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+# owner (a pipeline) -> causes already warned about ("warn once per pipeline and cause").
+_WARNED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
 
 
 def format_bytes(count: float | None, *, digits: int = 2) -> str:
@@ -124,3 +138,35 @@ def empty_device_cache(device: Literal["mps", "cuda"] | None = None) -> None:
         mps.empty_cache()
     if device == "cuda" or (device is None and torch.cuda.is_available()):
         torch.cuda.empty_cache()
+
+
+def warn_at_caller(message: str, category: type[Warning]) -> None:
+    """Issue a warning attributed to the first caller outside this package."""
+    frame: FrameType | None = sys._getframe(1)
+    level = 2
+    # warnings.warn's stacklevel counts frames; skip the package's own (their number depends
+    # on the path through the prepared call: looped or not, warmup or not).
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, category, stacklevel=level)
+
+
+def warn_once(
+    owner: object, cause: str, message: str, category: type[Warning], *, log: logging.Logger
+) -> None:
+    """Warn (at the user's line) the first time ``cause`` happens with ``owner``; log later ones.
+
+    The later times go to ``log`` at INFO, not WARNING: with no logging set up, Python prints
+    WARNING records to stderr, which would repeat on every call the warning meant to come once.
+    An owner that is not weak-referenceable warns every time.
+    """
+    try:
+        causes = _WARNED.setdefault(owner, set())
+    except TypeError:  # not weak-referenceable or unhashable: warn every time
+        causes = set()
+    if cause in causes:
+        log.info("%s", message)
+        return
+    causes.add(cause)
+    warn_at_caller(message, category)

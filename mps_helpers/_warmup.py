@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from mps_helpers._batch import batch_size, call_signature, split_batch
 from mps_helpers._errors import WarmupError
+from mps_helpers._markers import attached_plan, original_class
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping
@@ -207,8 +208,6 @@ def ensure_warm(pipe: Any, plan: Any, call: Callable[..., Any], kwargs: Mapping[
 
 def _unprepared_call(pipe: Any) -> Callable[..., Any]:
     """Return the pipeline's own ``__call__`` bound to it, bypassing the prepared call."""
-    from mps_helpers._apply import original_class
-
     return functools.partial(original_class(pipe).__call__, pipe)
 
 
@@ -237,7 +236,7 @@ def warmup(pipe: Any, **call_kwargs: Any) -> None:
     import torch
 
     call = _unprepared_call(pipe)
-    plan = getattr(pipe, "_mps_helpers_plan", None)
+    plan = attached_plan(pipe)
     if plan is not None:
         key = _key(plan.device, plan.dtype)
     else:

@@ -83,8 +83,16 @@ def test_prepare_keeps_the_pipeline_s_identity(sd: Any) -> None:
 
 def test_plan_of_an_unprepared_pipeline_is_none(sd: Any) -> None:
     assert plan_of(sd) is None
-    assert plan_of(object()) is None
     assert original_class(sd) is type(sd)
+
+
+@pytest.mark.parametrize("value", [42, object(), None, "stable-diffusion-v1-5"])
+def test_plan_of_something_else_is_a_type_error_like_prepare_pipeline(value: Any) -> None:
+    with pytest.raises(TypeError, match="expected a diffusers pipeline") as planned:
+        plan_of(value)
+    with pytest.raises(TypeError) as prepared:
+        mps_helpers.prepare_pipeline(value)
+    assert str(planned.value) == str(prepared.value)
 
 
 def test_prepare_twice_with_the_same_options_changes_nothing(
@@ -383,8 +391,9 @@ def test_call_goes_through_the_prepared_call(sd: Any, monkeypatch: pytest.Monkey
 
     seen: list[Any] = []
 
-    def spy(pipe: Any, call: Any, args: Any, kwargs: Any) -> Any:
+    def spy(pipe: Any, call: Any, args: Any, kwargs: Any, **options: Any) -> Any:
         seen.append((pipe, call, args, kwargs))
+        assert options == {"reapply": apply_plan}  # the retry applies through _apply
         return "result"
 
     monkeypatch.setattr(_call, "prepared_call", spy)

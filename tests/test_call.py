@@ -18,7 +18,7 @@ import torch
 from _call_fakes import Spy, make_plan
 
 import mps_helpers
-from mps_helpers import _call, _guards
+from mps_helpers import _call, _nan_guard
 from mps_helpers._call import prepared_call
 from mps_helpers.testing import tiny_pipeline
 
@@ -405,7 +405,9 @@ def test_each_prompt_goes_through_the_nan_guard_and_the_whole_through_recovery(
 ) -> None:
     seen: list[str] = []
 
-    def recovery(pipe: Any, plan: Any, run_all: Callable[..., Any], kwargs: Any) -> Any:
+    def recovery(
+        pipe: Any, plan: Any, run_all: Callable[..., Any], kwargs: Any, **options: Any
+    ) -> Any:
         seen.append("recovery")
         return run_all(kwargs, plan)
 
@@ -413,8 +415,8 @@ def test_each_prompt_goes_through_the_nan_guard_and_the_whole_through_recovery(
         seen.append(f"nan_guard {kwargs['prompt']}")
         return call(**kwargs)
 
-    monkeypatch.setattr(_guards, "call_with_recovery", recovery)
-    monkeypatch.setattr(_guards, "call_with_nan_guard", nan_guard)
+    monkeypatch.setattr(_call, "call_with_recovery", recovery)
+    monkeypatch.setattr(_nan_guard, "call_with_nan_guard", nan_guard)
     pipe = SimpleNamespace(_mps_helpers_plan=make_plan(batch_to_loop=True))
     out = prepared_call(pipe, _fake_call, (), {"prompt": ["a", "b"]})
     assert out == (["a", "b"], None)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from mps_helpers import _guards
+from mps_helpers import _call, _memory_watch, _nan_guard, _oom_retry, _plan
 from mps_helpers._errors import (
     BatchError,
     DeviceOutOfMemoryError,
@@ -61,6 +61,7 @@ class FakePlan:
 
     def replace(self, **changes: Any) -> FakePlan:
         changes.pop("reasons", None)
+        changes.pop("rules", None)
         return dataclasses.replace(self, **changes)
 
 
@@ -155,7 +156,7 @@ def guarded(pipe: FakePipeline, latents: torch.Tensor, plan: Any = None, **kwarg
     def call(**kw: Any) -> Any:
         return decode_call(pipe, **kw)
 
-    return _guards.call_with_nan_guard(
+    return _nan_guard.call_with_nan_guard(
         pipe, plan or FakePlan(), call, {"latents": latents, **kwargs}
     )
 
@@ -309,7 +310,7 @@ def test_an_unwrappable_vae_gets_the_output_check(latents: torch.Tensor) -> None
         return (pipe.vae.decode(kw["latents"])[0], None)
 
     with pytest.raises(NonFiniteOutputError, match="returned NaN/inf values"):
-        _guards.call_with_nan_guard(pipe, FakePlan(), call, {"latents": latents})
+        _nan_guard.call_with_nan_guard(pipe, FakePlan(), call, {"latents": latents})
 
 
 def test_nan_guard_off_returns_nan_untouched(overflowing_vae: Any, latents: torch.Tensor) -> None:
@@ -337,7 +338,7 @@ def test_the_decode_wrapper_goes_away_when_the_call_fails(overflowing_vae: Any) 
         raise KeyError("boom")
 
     with pytest.raises(KeyError, match="boom"):
-        _guards.call_with_nan_guard(pipe, FakePlan(), call, {})
+        _nan_guard.call_with_nan_guard(pipe, FakePlan(), call, {})
     assert "decode" not in vars(overflowing_vae)
 
 
@@ -346,7 +347,7 @@ def test_float32_upcast_restores_mixed_dtypes_exactly(vae_weights: dict[str, tor
     torch.nn.Module.to(vae.post_quant_conv, torch.float32)  # parts kept in float32
     before = {k: v.clone() for k, v in vae.state_dict().items()}
     params = list(vae.parameters())
-    with _guards._float32(vae):
+    with _nan_guard._float32(vae):
         assert {p.dtype for p in vae.parameters()} == {torch.float32}
     after = vae.state_dict()
     assert {k: v.dtype for k, v in after.items()} == {k: v.dtype for k, v in before.items()}
@@ -375,7 +376,7 @@ def test_float32_upcast_restores_mixed_dtypes_exactly(vae_weights: dict[str, tor
     ],
 )
 def test_has_non_finite(value: Any, expected: bool) -> None:
-    assert _guards.has_non_finite(value) is expected
+    assert _nan_guard.has_non_finite(value) is expected
 
 
 # ---------------------------------------------------------------------------------------
@@ -396,25 +397,25 @@ def test_has_non_finite(value: Any, expected: bool) -> None:
     ],
 )
 def test_is_out_of_memory(exc: BaseException, expected: bool) -> None:
-    assert _guards.is_out_of_memory(exc) is expected
+    assert _oom_retry.is_out_of_memory(exc) is expected
 
 
 def test_find_out_of_memory_looks_through_a_batch_error() -> None:
     oom = RuntimeError(MPS_OOM)
     batch = BatchError("prompt 1 failed", index=1, completed=None)
     batch.__cause__ = oom
-    assert _guards.find_out_of_memory(batch) is oom
-    assert _guards.find_out_of_memory(ValueError("x")) is None
+    assert _oom_retry.find_out_of_memory(batch) is oom
+    assert _oom_retry.find_out_of_memory(ValueError("x")) is None
 
 
 def test_stricter_plan_turns_on_every_memory_saver() -> None:
-    stricter = _guards.stricter_plan(FakePlan())
+    stricter = _plan.stricter_plan(FakePlan())
     assert stricter == FakePlan(
         attention_slicing=True, vae_slicing=True, vae_tiling=True, batch_to_loop=True
     )
-    assert _guards.stricter_plan(stricter) is None
+    assert _plan.stricter_plan(stricter) is None
     partly = FakePlan(vae_slicing=True, batch_to_loop=True)
-    assert _guards.stricter_plan(partly) == stricter
+    assert _plan.stricter_plan(partly) == stricter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -423,7 +424,7 @@ class NoSlicingPlan(FakePlan):
 
 
 def test_stricter_plan_leaves_attention_slicing_off_where_unsupported() -> None:
-    stricter = _guards.stricter_plan(NoSlicingPlan())
+    stricter = _plan.stricter_plan(NoSlicingPlan())
     assert stricter is not None
     assert not stricter.attention_slicing
     assert stricter.vae_slicing
@@ -444,24 +445,29 @@ class Attempts:
         return "images"
 
 
+class Applied(list[tuple[Any, Any]]):
+    """The ``reapply`` the retry gets: records the (pipeline, plan) pairs it applies."""
+
+    def __call__(self, pipe: Any, plan: Any) -> None:
+        self.append((pipe, plan))
+
+
 @pytest.fixture
-def applied(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, Any]]:
+def applied(monkeypatch: pytest.MonkeyPatch) -> Applied:
     """Record the plans applied to pipelines (and skip the slow full garbage collection)."""
-    calls: list[tuple[Any, Any]] = []
-    monkeypatch.setattr(_guards, "_apply_plan", lambda pipe, plan: calls.append((pipe, plan)))
-    monkeypatch.setattr(_guards, "free_device_memory", lambda: None)
-    return calls
+    monkeypatch.setattr(_oom_retry, "free_device_memory", lambda: None)
+    return Applied()
 
 
 def test_free_device_memory_runs_without_a_device() -> None:
-    _guards.free_device_memory()  # CPU-only torch: collects garbage, touches no device
+    _oom_retry.free_device_memory()  # CPU-only torch: collects garbage, touches no device
 
 
-def test_retries_once_with_a_stricter_plan(applied: list[tuple[Any, Any]]) -> None:
+def test_retries_once_with_a_stricter_plan(applied: Applied) -> None:
     pipe, plan = FakePipeline(), FakePlan()
     run_all = Attempts(RuntimeError(MPS_OOM))
     with pytest.warns(OutOfMemoryRetryWarning) as record:
-        assert _guards.call_with_recovery(pipe, plan, run_all, {}) == "images"
+        assert _call.call_with_recovery(pipe, plan, run_all, {}, reapply=applied) == "images"
     stricter = plan.replace(
         attention_slicing=True, vae_slicing=True, vae_tiling=True, batch_to_loop=True
     )
@@ -474,13 +480,15 @@ def test_retries_once_with_a_stricter_plan(applied: list[tuple[Any, Any]]) -> No
     assert record[0].filename == __file__
 
 
-def test_recognises_cuda_out_of_memory(applied: list[tuple[Any, Any]]) -> None:
+def test_recognises_cuda_out_of_memory(applied: Applied) -> None:
     run_all = Attempts(torch.cuda.OutOfMemoryError(CUDA_OOM))
     with pytest.warns(OutOfMemoryRetryWarning, match="on CUDA"):
-        assert _guards.call_with_recovery(FakePipeline(), FakePlan("cuda"), run_all, {})
+        assert _call.call_with_recovery(
+            FakePipeline(), FakePlan("cuda"), run_all, {}, reapply=applied
+        )
 
 
-def test_retries_a_looped_batch_that_ran_out_of_memory(applied: list[tuple[Any, Any]]) -> None:
+def test_retries_a_looped_batch_that_ran_out_of_memory(applied: Applied) -> None:
     def run_all(kwargs: dict[str, Any], plan: Any) -> Any:
         if not plan.vae_slicing:
             try:
@@ -490,10 +498,13 @@ def test_retries_a_looped_batch_that_ran_out_of_memory(applied: list[tuple[Any, 
         return "images"
 
     with pytest.warns(OutOfMemoryRetryWarning):
-        assert _guards.call_with_recovery(FakePipeline(), FakePlan(), run_all, {}) == "images"
+        assert (
+            _call.call_with_recovery(FakePipeline(), FakePlan(), run_all, {}, reapply=applied)
+            == "images"
+        )
 
 
-def test_the_retry_draws_the_same_noise(applied: list[tuple[Any, Any]]) -> None:
+def test_the_retry_draws_the_same_noise(applied: Applied) -> None:
     draws: list[torch.Tensor] = []
 
     def run_all(kwargs: dict[str, Any], plan: Any) -> Any:
@@ -504,17 +515,19 @@ def test_the_retry_draws_the_same_noise(applied: list[tuple[Any, Any]]) -> None:
 
     generators = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
     with pytest.warns(OutOfMemoryRetryWarning):
-        _guards.call_with_recovery(FakePipeline(), FakePlan(), run_all, {"generator": generators})
+        _call.call_with_recovery(
+            FakePipeline(), FakePlan(), run_all, {"generator": generators}, reapply=applied
+        )
     assert torch.equal(draws[0], draws[1])
 
 
 def test_frees_the_failed_attempt_before_retrying(
-    applied: list[tuple[Any, Any]], monkeypatch: pytest.MonkeyPatch
+    applied: Applied, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     refs: list[weakref.ref[torch.Tensor]] = []
     alive_at_retry: list[bool] = []
     freed: list[bool] = []
-    monkeypatch.setattr(_guards, "free_device_memory", lambda: freed.append(True))
+    monkeypatch.setattr(_oom_retry, "free_device_memory", lambda: freed.append(True))
 
     def run_all(kwargs: dict[str, Any], plan: Any) -> Any:
         if refs:
@@ -526,17 +539,19 @@ def test_frees_the_failed_attempt_before_retrying(
         raise RuntimeError(MPS_OOM)
 
     with pytest.warns(OutOfMemoryRetryWarning):
-        _guards.call_with_recovery(FakePipeline(), FakePlan(), run_all, {})
+        _call.call_with_recovery(FakePipeline(), FakePlan(), run_all, {}, reapply=applied)
     assert alive_at_retry == [False]
 
 
-def test_raises_device_out_of_memory_when_the_retry_fails(applied: list[tuple[Any, Any]]) -> None:
+def test_raises_device_out_of_memory_when_the_retry_fails(applied: Applied) -> None:
     second = RuntimeError(MPS_OOM)
     run_all = Attempts(RuntimeError(MPS_OOM), second)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(DeviceOutOfMemoryError) as info:
-            _guards.call_with_recovery(FakePipeline(), FakePlan(), run_all, {"height": 768})
+            _call.call_with_recovery(
+                FakePipeline(), FakePlan(), run_all, {"height": 768}, reapply=applied
+            )
     error = info.value
     assert isinstance(error, RuntimeError)
     assert error.__cause__ is second
@@ -549,12 +564,14 @@ def test_raises_device_out_of_memory_when_the_retry_fails(applied: list[tuple[An
     assert len(run_all.plans) == 2
 
 
-def test_no_retry_when_every_memory_saver_is_already_on(applied: list[tuple[Any, Any]]) -> None:
+def test_no_retry_when_every_memory_saver_is_already_on(applied: Applied) -> None:
     plan = FakePlan(attention_slicing=True, vae_slicing=True, vae_tiling=True, batch_to_loop=True)
     first = RuntimeError(MPS_OOM)
     run_all = Attempts(first)
     with pytest.raises(DeviceOutOfMemoryError, match="already on") as info:
-        _guards.call_with_recovery(FakePipeline(), plan, run_all, {"height": 64, "width": 96})
+        _call.call_with_recovery(
+            FakePipeline(), plan, run_all, {"height": 64, "width": 96}, reapply=applied
+        )
     assert info.value.__cause__ is first
     assert "at 96x64 px" in str(info.value)
     assert len(run_all.plans) == 1
@@ -562,30 +579,32 @@ def test_no_retry_when_every_memory_saver_is_already_on(applied: list[tuple[Any,
 
 
 @pytest.mark.parametrize("oom_retry", [True, False])
-def test_other_errors_pass_through_unchanged(
-    applied: list[tuple[Any, Any]], oom_retry: bool
-) -> None:
+def test_other_errors_pass_through_unchanged(applied: Applied, oom_retry: bool) -> None:
     error = ValueError("height must be divisible by 8")
     run_all = Attempts(error)
     with pytest.raises(ValueError, match="divisible") as info:
-        _guards.call_with_recovery(FakePipeline(), FakePlan(oom_retry=oom_retry), run_all, {})
+        _call.call_with_recovery(
+            FakePipeline(), FakePlan(oom_retry=oom_retry), run_all, {}, reapply=applied
+        )
     assert info.value is error
     assert len(run_all.plans) == 1
 
 
-def test_an_other_error_in_the_retry_passes_through(applied: list[tuple[Any, Any]]) -> None:
+def test_an_other_error_in_the_retry_passes_through(applied: Applied) -> None:
     error = TypeError("bad")
     run_all = Attempts(RuntimeError(MPS_OOM), error)
     with pytest.raises(TypeError) as info:
-        _guards.call_with_recovery(FakePipeline(), FakePlan(), run_all, {})
+        _call.call_with_recovery(FakePipeline(), FakePlan(), run_all, {}, reapply=applied)
     assert info.value is error
 
 
-def test_oom_retry_off_lets_the_original_error_through(applied: list[tuple[Any, Any]]) -> None:
+def test_oom_retry_off_lets_the_original_error_through(applied: Applied) -> None:
     error = RuntimeError(MPS_OOM)
     run_all = Attempts(error)
     with pytest.raises(RuntimeError) as info:
-        _guards.call_with_recovery(FakePipeline(), FakePlan(oom_retry=False), run_all, {})
+        _call.call_with_recovery(
+            FakePipeline(), FakePlan(oom_retry=False), run_all, {}, reapply=applied
+        )
     assert info.value is error
     assert not isinstance(info.value, DeviceOutOfMemoryError)
     assert applied == []
@@ -600,7 +619,7 @@ def test_oom_retry_off_lets_the_original_error_through(applied: list[tuple[Any, 
 def readings(monkeypatch: pytest.MonkeyPatch) -> list[MemoryInfo]:
     """Fake memory readings, consumed one per read."""
     queue: list[MemoryInfo] = []
-    monkeypatch.setattr(_guards, "read_memory", lambda: queue.pop(0))
+    monkeypatch.setattr(_memory_watch, "read_memory", lambda: queue.pop(0))
     return queue
 
 
@@ -611,7 +630,7 @@ def swap(used_mib: float, available_mib: float | None = 900) -> MemoryInfo:
 
 def watched(pipe: Any, plan: Any = None) -> Any:
     plan = plan or FakePlan(memory_watch=True, oom_retry=False)
-    return _guards.call_with_recovery(pipe, plan, lambda kw, p: "images", {})
+    return _call.call_with_recovery(pipe, plan, lambda kw, p: "images", {}, reapply=None)
 
 
 def test_warns_when_swap_grew_by_more_than_256_mib(readings: list[MemoryInfo]) -> None:
@@ -676,7 +695,7 @@ def test_memory_watch_off_reads_nothing(readings: list[MemoryInfo]) -> None:
 
 
 def test_read_memory_reads_this_machine() -> None:
-    info = _guards.read_memory()
+    info = _memory_watch.read_memory()
     assert info.available is None or info.available > 0
     assert info.swap_used is None or info.swap_used >= 0
 
@@ -686,7 +705,7 @@ def test_read_memory_reads_this_machine() -> None:
 # ---------------------------------------------------------------------------------------
 
 WATERMARK = "PYTORCH_MPS_HIGH_WATERMARK_RATIO"
-PACKAGE = pathlib.Path(_guards.__file__).parent
+PACKAGE = pathlib.Path(_call.__file__).parent
 
 
 def _environ_writes(tree: ast.AST) -> list[ast.AST]:
@@ -716,11 +735,15 @@ def test_the_package_never_sets_the_mps_watermark() -> None:
     assert offenders == []
 
 
-def test_the_guards_leave_the_environment_alone(applied: list[tuple[Any, Any]]) -> None:
+def test_the_guards_leave_the_environment_alone(applied: Applied) -> None:
     before = dict(os.environ)
     with pytest.raises(DeviceOutOfMemoryError):
-        _guards.call_with_recovery(
-            FakePipeline(), FakePlan(), Attempts(RuntimeError(MPS_OOM), RuntimeError(MPS_OOM)), {}
+        _call.call_with_recovery(
+            FakePipeline(),
+            FakePlan(),
+            Attempts(RuntimeError(MPS_OOM), RuntimeError(MPS_OOM)),
+            {},
+            reapply=applied,
         )
     assert dict(os.environ) == before
 
@@ -756,7 +779,7 @@ def test_stricter_plan_of_real_plans() -> None:
     from mps_helpers import plan_for
 
     plan = plan_for(_tiny("sd"), device="cpu", dtype="float16")
-    stricter = _guards.stricter_plan(plan)
+    stricter = _plan.stricter_plan(plan)
     assert stricter is not None
     assert (stricter.attention_slicing, stricter.vae_slicing, stricter.vae_tiling) == (
         True,
@@ -768,7 +791,7 @@ def test_stricter_plan_of_real_plans() -> None:
     assert "out-of-memory" in stricter.reasons["vae_slicing"]
     assert (stricter.device, stricter.dtype) == (plan.device, plan.dtype)
     # SD3's transformer cannot slice attention: the stricter plan leaves it off.
-    sd3 = _guards.stricter_plan(plan_for(_tiny("sd3"), device="cpu", dtype="float16"))
+    sd3 = _plan.stricter_plan(plan_for(_tiny("sd3"), device="cpu", dtype="float16"))
     assert sd3 is not None
     assert not sd3.attention_slicing
     assert sd3.vae_slicing
@@ -828,7 +851,7 @@ def test_prepared_call_retries_out_of_memory_with_the_stricter_plan() -> None:
     assert dict(os.environ) == environ
     np.testing.assert_allclose(images, reference, atol=1e-4)
     kept = plan_of(pipe)
-    assert kept == _guards.stricter_plan(plan)
+    assert kept == _plan.stricter_plan(plan)
     assert kept is not None
     assert kept.batch_to_loop
     assert pipe.vae.use_slicing
@@ -843,7 +866,7 @@ def test_prepared_call_gives_up_after_one_retry() -> None:
         pipe(prompt="a cat", **SMALL)
     cause = info.value.__cause__
     assert cause is not None
-    assert _guards.is_out_of_memory(cause)
+    assert _oom_retry.is_out_of_memory(cause)
     assert len(calls) == 2
     assert dict(os.environ) == environ
 

@@ -67,3 +67,35 @@ def test_version_matches_metadata() -> None:
 
 def test_all_lists_exactly_the_lazy_exports() -> None:
     assert sorted(mps_helpers.__all__) == sorted(["__version__", *mps_helpers._EXPORTS])
+
+
+def test_dir_lists_only_the_public_names() -> None:
+    # Not the module's own machinery (importlib, TYPE_CHECKING, _EXPORTS, annotations).
+    assert dir(mps_helpers) == sorted(mps_helpers.__all__)
+
+
+def test_the_type_auto_prepare_returns_is_public() -> None:
+    scope = mps_helpers.auto_prepare(device="cpu")
+    assert type(scope) is mps_helpers.AutoPrepare
+    assert "AutoPrepare" in mps_helpers.__all__
+
+
+def test_every_public_name_is_in_the_api_reference() -> None:
+    import pathlib
+    import re
+
+    api = (pathlib.Path(__file__).parents[1] / "docs" / "reference" / "api.md").read_text()
+    documented = set(re.findall(r"^\.\. auto\w+:: (\w+)", api, flags=re.MULTILINE))
+    assert set(mps_helpers.__all__) - {"__version__"} <= documented
+
+
+def test_the_testing_module_documents_its_public_names() -> None:
+    import pathlib
+
+    from mps_helpers import testing
+
+    api = (pathlib.Path(__file__).parents[1] / "docs" / "reference" / "api.md").read_text()
+    members = api.split(".. automodule:: mps_helpers.testing", 1)[1].split("\n")[1]
+    assert sorted(testing.__all__) == sorted(
+        members.split(":members:")[1].replace(",", " ").split()
+    )

@@ -9,8 +9,9 @@ import torch
 from machines import MACHINES
 from packaging.version import Version
 
-from mps_helpers import _apply, load_pipeline, plan_of
-from mps_helpers._apply import dtype_keyword, facts_of_directory, has_variant
+from mps_helpers import _load, load_pipeline, plan_of
+from mps_helpers._facts import facts_of_directory
+from mps_helpers._load import dtype_keyword, has_variant
 from mps_helpers._plan import make_plan, validate_options
 from mps_helpers.testing import save_tiny_pipeline, tiny_pipeline
 
@@ -77,7 +78,7 @@ def test_loads_a_local_directory_offline_and_prepares_it(
     assert pipe.unet.dtype == torch.float32
     (kwargs,) = calls
     assert kwargs["use_safetensors"] is True
-    assert kwargs[dtype_keyword(_apply.installed_diffusers_version())] == torch.float32
+    assert kwargs[dtype_keyword(_load.installed_diffusers_version())] == torch.float32
     assert "variant" not in kwargs
 
 
@@ -85,7 +86,7 @@ def test_float16_is_decided_before_loading(plain_dir: Path, calls: list[dict[str
     pipe = load_pipeline(plain_dir, **QUIET, dtype="float16")
     (kwargs,) = calls
     # the loader got the dtypes (the VAE's too): nothing loaded in float32 and cast later
-    keyword = dtype_keyword(_apply.installed_diffusers_version())
+    keyword = dtype_keyword(_load.installed_diffusers_version())
     assert kwargs[keyword] == {"default": torch.float16, "vae": torch.float32}
     assert "variant" not in kwargs  # this repository has no fp16 files
     assert pipe.unet.dtype == torch.float16
@@ -173,7 +174,7 @@ def test_hub_repositories_fall_back_when_they_have_no_fp16_variant(
     assert first["variant"] == "fp16"
     assert "variant" not in second
     # the VAE's config is unknown before loading a Hub model: one dtype for all
-    assert second[dtype_keyword(_apply.installed_diffusers_version())] == torch.float16
+    assert second[dtype_keyword(_load.installed_diffusers_version())] == torch.float16
     assert plan_of(pipe).dtype == torch.float16
 
 
@@ -212,7 +213,7 @@ def test_dtype_is_passed_as_the_installed_diffusers_expects(
     case: tuple[str, str, bool],
 ) -> None:
     version, keyword, as_dict = case
-    monkeypatch.setattr(_apply, "installed_diffusers_version", lambda: Version(version))
+    monkeypatch.setattr(_load, "installed_diffusers_version", lambda: Version(version))
     load_pipeline(plain_dir, **QUIET, dtype="float16", variant=None)
     (kwargs,) = fake_loader
     other = "dtype" if keyword == "torch_dtype" else "torch_dtype"

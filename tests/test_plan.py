@@ -18,11 +18,11 @@ from packaging.version import Version
 
 import mps_helpers
 from mps_helpers import DeviceUnavailableError, Environment, Plan, plan_for
+from mps_helpers._facts import PipelineFacts
 from mps_helpers._plan import (
     ATTENTION_CHUNK_CAP,
     ATTENTION_CHUNK_FLOOR,
     DECISIONS,
-    PipelineFacts,
     attention_chunk_elements,
     make_plan,
     validate_options,

@@ -16,8 +16,9 @@ from machines import MACHINES
 
 import mps_helpers
 from mps_helpers import DeviceUnavailableError, check_environment
+from mps_helpers._facts import PipelineFacts
 from mps_helpers._options import validate_options
-from mps_helpers._plan import DECISIONS, PipelineFacts, Plan, _show, make_plan
+from mps_helpers._plan import DECISIONS, Plan, _show, make_plan
 from mps_helpers._reasons import (
     CONSTANTS,
     EVIDENCE,
@@ -107,16 +108,16 @@ def test_every_rule_is_reachable_from_some_fake_machine() -> None:
 
 
 def test_replace_and_the_stricter_plan_have_their_rules() -> None:
-    from mps_helpers._guards import stricter_plan
+    from mps_helpers._plan import stricter_plan
 
     plan = make_plan(SD15, MACHINES["m3max-64gb-macos14"], validate_options())
     assert plan.replace(vae_tiling=True).rules["vae_tiling"] == "replaced"
     stricter = stricter_plan(plan)
     assert stricter is not None
-    assert stricter.rules["vae_slicing"] == "replaced"
-    named = plan.replace(vae_slicing=True, rules={"vae_slicing": "stricter"})
-    assert named.rules["vae_slicing"] == "stricter"
-    assert named.reasons["vae_slicing"] == reason("stricter")
+    assert stricter.rules["vae_slicing"] == "stricter"
+    assert stricter.reasons["vae_slicing"] == reason("stricter")
+    explained = plan.replace(vae_slicing=True, reasons={"vae_slicing": "out of memory."})
+    assert explained.rules["vae_slicing"] == "replaced"
 
 
 def test_every_decision_of_every_plan_names_a_rule_of_that_decision() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import subprocess
 import sys
 from typing import TYPE_CHECKING, Any
@@ -269,6 +270,15 @@ def test_sd15_configs_have_sd15_sizes() -> None:
 def test_sd15_pipeline_rejects_a_vocabulary_smaller_than_the_tokenizer() -> None:
     with pytest.raises(ValueError, match="vocab_size=100"):
         testing.sd15_pipeline(vocab_size=100)
+
+
+def test_sd15_pipeline_is_public_with_a_keyword_only_seed() -> None:
+    assert "sd15_pipeline" in testing.__all__
+    seed = inspect.signature(testing.sd15_pipeline).parameters["seed"]
+    assert seed.kind is inspect.Parameter.KEYWORD_ONLY
+    assert seed.default == 0
+    with pytest.raises(TypeError):
+        testing.sd15_pipeline(0)  # type: ignore[misc]  # positional on purpose: refused
 
 
 @pytest.mark.slow

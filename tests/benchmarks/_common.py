@@ -172,7 +172,7 @@ def build_pipeline(kind: str, *, seed: int = 0) -> Any:
     if kind == "tiny":
         return testing.tiny_pipeline("sd", seed=seed)
     if kind == "sd15":
-        return testing.sd15_pipeline(seed)
+        return testing.sd15_pipeline(seed=seed)
     raise ValueError(f"unknown pipeline kind {kind!r}: expected 'tiny' or 'sd15'")
 
 

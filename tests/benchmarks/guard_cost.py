@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, ".")
-from mps_helpers import _guards
+from mps_helpers import _call, _nan_guard, _oom_retry
 from mps_helpers.testing import sd15_pipeline
 
 dev = "cuda"
@@ -34,7 +34,7 @@ def cuda_time(f, n=200):
 
 for shape in [(1, 3, 512, 512), (4, 3, 512, 512), (4, 4, 64, 64)]:
     x = torch.randn(shape, device=dev, dtype=torch.float16)
-    res[f"check_ms {shape}"] = cuda_time(lambda x=x: _guards.has_non_finite(x))
+    res[f"check_ms {shape}"] = cuda_time(lambda x=x: _nan_guard.has_non_finite(x))
     res[f"isfinite_all_ms {shape}"] = cuda_time(lambda x=x: bool(torch.isfinite(x).all()))
 
 # A real CUDA out-of-memory error.
@@ -42,10 +42,10 @@ try:
     torch.empty(2**40, dtype=torch.uint8, device=dev)
 except Exception as exc:
     res["oom_type"] = type(exc).__module__ + "." + type(exc).__qualname__
-    res["oom_recognised"] = _guards.is_out_of_memory(exc)
+    res["oom_recognised"] = _oom_retry.is_out_of_memory(exc)
     res["oom_message_head"] = str(exc)[:120]
 t = time.perf_counter()
-_guards.free_device_memory()
+_oom_retry.free_device_memory()
 res["free_device_memory_ms"] = (time.perf_counter() - t) * 1e3
 
 
@@ -65,7 +65,6 @@ class P:
         return dataclasses.replace(self, **c)
 
 
-_guards._apply_plan = lambda pipe, plan: None
 tries = []
 
 
@@ -78,7 +77,9 @@ def run_all(kw, plan):
 
 with warnings.catch_warnings(record=True) as w:
     warnings.simplefilter("always")
-    res["recovery_result"] = _guards.call_with_recovery(object(), P(), run_all, {})
+    res["recovery_result"] = _call.call_with_recovery(
+        object(), P(), run_all, {}, reapply=lambda pipe, plan: None
+    )
 res["recovery_warning"] = [x.category.__name__ for x in w]
 
 t = time.perf_counter()
@@ -110,7 +111,7 @@ def raw():
 
 
 def guarded():
-    return _guards.call_with_nan_guard(
+    return _nan_guard.call_with_nan_guard(
         pipe, P(), pipe.__call__, dict(kw, generator=torch.Generator().manual_seed(0))
     )
 

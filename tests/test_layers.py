@@ -1,0 +1,236 @@
+"""The package's layers: a lower layer never imports a higher one, and no layer has a circle.
+
+Data flows one way (machine -> snapshot -> plan -> applied pipeline -> each call), and so do
+the imports. Every module of the package must be placed in :data:`LAYERS`: a new module
+fails this test until it is given a layer.
+
+What counts as an import: every ``import``/``from ... import`` statement of the package's
+modules, at module level or inside a function (those run too, only later). Imports under
+``if TYPE_CHECKING:`` do not count: they never run and only name types for annotations
+(``_markers`` names the ``Plan`` it stores, ``_errors`` the ``Finding`` it carries), so they
+may point anywhere. Dynamic imports by string (``importlib.import_module`` in ``__init__``'s
+lazy exports) are not seen.
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+from dataclasses import dataclass
+
+import pytest
+
+import mps_helpers
+
+PACKAGE = pathlib.Path(mps_helpers.__file__).parent
+
+#: Layer number of each module, bottom (0) to top. Modules of the same layer may import each
+#: other as long as they form no circle. Entries for modules that do not exist yet are fine.
+LAYERS: dict[str, int] = {
+    # errors / markers: what every layer shares, importing nothing of the package
+    "_errors": 0,
+    "_markers": 0,
+    "_util": 0,
+    "_version": 0,
+    # thin I/O probes and their pure parsers
+    "_probes": 1,
+    # the environment snapshot
+    "_environment": 2,
+    # readiness checks, the options schema, pipeline facts, and data modules
+    "_checks": 3,
+    "_options": 3,
+    "_facts": 3,
+    "_reasons": 3,
+    "_evidence": 3,
+    "_known_problems": 3,
+    "_memory": 3,
+    # the plan: pure decisions
+    "_plan": 4,
+    # call-time pieces
+    "_attention": 5,
+    "_batch": 5,
+    "_warmup": 5,
+    "_nan_guard": 5,
+    "_oom_retry": 5,
+    "_memory_watch": 5,
+    # the prepared call
+    "_call": 6,
+    # applying a plan, loading with one
+    "_apply": 7,
+    "_load": 7,
+    # faces (the package itself re-exports every layer lazily)
+    "__init__": 8,
+    "_auto": 8,
+    "_distributed": 8,
+    "_demo": 8,
+    "testing": 8,
+    # the command line
+    "_cli": 9,
+    "__main__": 9,
+}
+
+
+@dataclass(frozen=True)
+class Import:
+    """One import of a package module: who imports what, where, and whether it runs."""
+
+    importer: str
+    imported: str
+    line: int
+    runtime: bool
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _modules() -> dict[str, pathlib.Path]:
+    return {path.stem: path for path in sorted(PACKAGE.glob("*.py"))}
+
+
+def imports_of(name: str, source: str, known: set[str]) -> list[Import]:
+    """Return the package modules that ``source`` (the module ``name``) imports.
+
+    ``from mps_helpers import x`` counts as importing the module ``x`` when ``x`` is one
+    (``known``), else as importing the package (``__init__``).
+    """
+    found: list[Import] = []
+
+    def visit(node: ast.AST, runtime: bool) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            for child in node.body:
+                visit(child, False)
+            for child in node.orelse:
+                visit(child, runtime)
+            return
+        targets: list[str] = []
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from . import x / from ._x import y
+                base = "mps_helpers" + (f".{base}" if base else "")
+            if base == "mps_helpers":
+                targets = [
+                    f"mps_helpers.{alias.name}" if alias.name in known else "mps_helpers"
+                    for alias in node.names
+                ]
+            else:
+                targets = [base]
+        line = getattr(node, "lineno", 0)
+        for target in targets:
+            if target == "mps_helpers":
+                found.append(Import(name, "__init__", line, runtime))
+            elif target.startswith("mps_helpers."):
+                found.append(Import(name, target.split(".")[1], line, runtime))
+        for child in ast.iter_child_nodes(node):
+            visit(child, runtime)
+
+    visit(ast.parse(source), True)
+    return [item for item in found if item.imported != name]
+
+
+def _all_imports() -> list[Import]:
+    modules = _modules()
+    known = set(modules)
+    out: list[Import] = []
+    for name, path in modules.items():
+        out += imports_of(name, path.read_text(encoding="utf-8"), known)
+    return out
+
+
+def test_every_module_has_a_layer() -> None:
+    unplaced = sorted(set(_modules()) - set(LAYERS))
+    assert unplaced == [], f"place these modules in tests/test_layers.py's LAYERS: {unplaced}"
+
+
+def test_no_module_imports_a_higher_layer() -> None:
+    upward = [
+        f"{i.importer} (layer {LAYERS[i.importer]}) imports {i.imported} "
+        f"(layer {LAYERS[i.imported]}) at line {i.line}"
+        for i in _all_imports()
+        if i.runtime
+        and i.importer in LAYERS
+        and i.imported in LAYERS
+        and LAYERS[i.imported] > LAYERS[i.importer]
+    ]
+    assert upward == []
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Return one circle through each strongly connected group of more than one module."""
+    found: list[list[str]] = []
+    done: set[str] = set()
+    for start in sorted(edges):
+        if start in done:
+            continue
+        stack = [(start, [start])]
+        while stack:
+            node, path = stack.pop()
+            for nxt in sorted(edges.get(node, ())):
+                if nxt == start:
+                    found.append([*path, start])
+                    done.update(path)
+                    stack.clear()
+                    break
+                if nxt not in path:
+                    stack.append((nxt, [*path, nxt]))
+    return found
+
+
+def test_no_import_circle_within_a_layer() -> None:
+    # Across layers a circle needs an upward import, which the test above refuses.
+    edges: dict[str, set[str]] = {}
+    for i in _all_imports():
+        if i.runtime and LAYERS.get(i.importer) == LAYERS.get(i.imported) is not None:
+            edges.setdefault(i.importer, set()).add(i.imported)
+    assert _cycles(edges) == []
+
+
+def test_the_bottom_layer_imports_nothing_of_the_package() -> None:
+    bottom = {name for name, layer in LAYERS.items() if layer == 0}
+    imports = [f"{i.importer} -> {i.imported}" for i in _all_imports() if i.runtime]
+    assert [line for line in imports if line.split(" -> ")[0] in bottom] == []
+
+
+# ---------------------------------------------------------------------------------------
+# The checker itself
+
+
+KNOWN = {"_apply", "_plan", "_util", "__init__"}
+
+
+def test_the_reader_sees_function_level_and_relative_imports() -> None:
+    source = """
+from typing import TYPE_CHECKING
+from mps_helpers import _util, plan_of
+import mps_helpers._plan
+if TYPE_CHECKING:
+    from mps_helpers._apply import apply_plan
+else:
+    from . import _util
+def f():
+    from mps_helpers._apply import apply_plan
+"""
+    found = {(i.imported, i.runtime) for i in imports_of("_x", source, KNOWN)}
+    assert found == {
+        ("_util", True),
+        ("__init__", True),  # plan_of is a name of the package, not a module
+        ("_plan", True),
+        ("_apply", False),  # under TYPE_CHECKING
+        ("_apply", True),  # inside f
+    }
+
+
+@pytest.mark.parametrize(
+    ("edges", "expected"),
+    [
+        ({"a": {"b"}, "b": {"c"}}, []),
+        ({"a": {"b"}, "b": {"a"}}, [["a", "b", "a"]]),
+        ({"a": {"b"}, "b": {"c"}, "c": {"a"}}, [["a", "b", "c", "a"]]),
+    ],
+)
+def test_the_circle_finder(edges: dict[str, set[str]], expected: list[list[str]]) -> None:
+    assert _cycles(edges) == expected
