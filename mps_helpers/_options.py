@@ -18,7 +18,7 @@ import types
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from mps_helpers._util import DEVICES, dtype_name
+from mps_helpers._util import DEVICES, dtype_name, is_dtype
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -279,10 +279,6 @@ def _resolve_dtype(value: object) -> torch.dtype | None:
 
             resolved: torch.dtype = getattr(torch, name)
             return resolved
-    elif (
-        type(value).__name__ == "dtype"
-        and type(value).__module__ == "torch"
-        and dtype_name(value) in ("float16", "bfloat16", "float32")
-    ):
-        return value  # type: ignore[return-value]  # a torch.dtype, checked by name
+    elif is_dtype(value) and dtype_name(value) in ("float16", "bfloat16", "float32"):
+        return value
     raise ValueError(f"dtype must be {_BY_NAME['dtype'].valid}; got {value!r}")

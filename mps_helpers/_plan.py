@@ -46,7 +46,7 @@ from mps_helpers._reasons import (
     reason,
     warning,
 )
-from mps_helpers._util import DEVICES, dtype_name, release, warn_at_caller
+from mps_helpers._util import DEVICES, dtype_name, is_dtype, release, warn_at_caller
 
 if TYPE_CHECKING:
     import torch
@@ -252,18 +252,14 @@ def _plan_from_fields(fields: dict[str, Any]) -> Plan:
     return Plan(**fields)
 
 
-def _is_dtype(value: Any) -> bool:
-    return type(value).__name__ == "dtype" and type(value).__module__ == "torch"
-
-
 def _jsonable(value: Any) -> Any:
-    if _is_dtype(value):
+    if is_dtype(value):
         return dtype_name(value)
     return value
 
 
 def _show(value: Any) -> str:
-    if _is_dtype(value):
+    if is_dtype(value):
         return dtype_name(value)
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from packaging.version import Version
 
-from mps_helpers._util import GiB, dtype_name, format_bytes
+from mps_helpers._util import GiB, dtype_name, format_bytes, is_dtype
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -517,7 +517,7 @@ class _Formatter(string.Formatter):
             return f"2**{int(value).bit_length() - 1}"
         if format_spec == "count":
             return f"{value:,}"
-        if type(value).__name__ == "dtype" and type(value).__module__ == "torch":
+        if is_dtype(value):
             return dtype_name(value)
         return str(super().format_field(value, format_spec))
 

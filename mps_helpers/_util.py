@@ -10,7 +10,7 @@ import os
 import sys
 import warnings
 import weakref
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeGuard
 
 from packaging.version import InvalidVersion, Version
 
@@ -29,6 +29,7 @@ __all__ = [
     "empty_device_cache",
     "format_bytes",
     "has_multi_controlnet",
+    "is_dtype",
     "module_dtype",
     "parse_version",
     "release",
@@ -78,6 +79,15 @@ def dtype_name(dtype: object) -> str:
     'bfloat16'
     """
     return str(dtype).removeprefix("torch.")
+
+
+def is_dtype(value: object) -> TypeGuard[torch.dtype]:
+    """Return whether ``value`` is a torch dtype, without importing torch.
+
+    >>> is_dtype("float16")
+    False
+    """
+    return type(value).__name__ == "dtype" and type(value).__module__ == "torch"
 
 
 def parse_version(text: str | None) -> Version | None:

@@ -96,23 +96,14 @@ def test_auto_prepare_takes_exactly_the_schemas_options_and_env() -> None:
     assert f"valid options are env, {', '.join(OPTION_NAMES)}" in str(info.value)
 
 
-def test_the_schema_describes_fourteen_options_in_signature_order() -> None:
-    assert OPTION_NAMES == (
-        "height",
-        "width",
-        "batch_size",
-        "device",
-        "dtype",
-        "attention_slicing",
-        "attention_processor",
-        "vae_slicing",
-        "vae_tiling",
-        "warmup",
-        "batch_to_loop",
-        "nan_guard",
-        "oom_retry",
-        "memory_watch",
-    )
+def test_the_schema_describes_fourteen_options_each_a_decision_or_a_size() -> None:
+    from mps_helpers._plan import DECISIONS
+
+    assert len(OPTION_NAMES) == 14
+    assert len(set(OPTION_NAMES)) == 14
+    sizes = {o.name for o in OPTIONS if o.kind in ("size", "count")}
+    assert sizes == {"height", "width", "batch_size"}
+    assert set(OPTION_NAMES) - sizes <= set(DECISIONS)
     assert all(option.help for option in OPTIONS)
     assert set(SWITCHES) == {o.name for o in OPTIONS if o.default == "auto"} - {"device", "dtype"}
 
