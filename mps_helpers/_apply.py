@@ -29,7 +29,9 @@ if TYPE_CHECKING:
     import torch
 
     from mps_helpers._environment import Environment
+    from mps_helpers._facts import Pipeline, PipelineT
     from mps_helpers._plan import Plan
+    from mps_helpers._util import DeviceChoice, ProcessorChoice, Switch
 
 __all__ = [
     "apply_plan",
@@ -53,24 +55,24 @@ _PLAIN_PROCESSORS = frozenset(
 
 
 def prepare_pipeline(
-    pipe: Any,
+    pipe: PipelineT,
     *,
     env: Environment | None = None,
     height: int | None = None,
     width: int | None = None,
     batch_size: int | None = None,
-    device: str = "auto",
-    dtype: Any = "auto",
-    attention_slicing: bool | str = "auto",
-    attention_processor: str = "safe",
-    vae_slicing: bool | str = "auto",
-    vae_tiling: bool | str = "auto",
-    warmup: bool | str = "auto",
-    batch_to_loop: bool | str = "auto",
-    nan_guard: bool | str = "auto",
-    oom_retry: bool | str = "auto",
-    memory_watch: bool | str = "auto",
-) -> Any:
+    device: DeviceChoice = "auto",
+    dtype: torch.dtype | str = "auto",
+    attention_slicing: Switch = "auto",
+    attention_processor: ProcessorChoice = "safe",
+    vae_slicing: Switch = "auto",
+    vae_tiling: Switch = "auto",
+    warmup: Switch = "auto",
+    batch_to_loop: Switch = "auto",
+    nan_guard: Switch = "auto",
+    oom_retry: Switch = "auto",
+    memory_watch: Switch = "auto",
+) -> PipelineT:
     """Apply the plan for this machine to ``pipe`` and return the same object, prepared.
 
     The options are those of :func:`mps_helpers.plan_for` ("auto" or an explicit value).
@@ -111,7 +113,7 @@ def prepare_pipeline(
     return apply_plan(pipe, plan)
 
 
-def plan_of(pipe: Any) -> Plan | None:
+def plan_of(pipe: Pipeline) -> Plan | None:
     """Return the plan applied to ``pipe`` by :func:`prepare_pipeline` (None: never prepared).
 
     Raises:
@@ -122,7 +124,7 @@ def plan_of(pipe: Any) -> Plan | None:
     return _markers.stored_plan(pipe)
 
 
-def apply_plan(pipe: Any, plan: Plan) -> Any:
+def apply_plan(pipe: PipelineT, plan: Plan) -> PipelineT:
     """Apply an existing ``plan`` to ``pipe`` and return the same object.
 
     Moves and casts the components, bridges a float32 VAE, installs or removes attention
@@ -191,7 +193,7 @@ def _new_prepared(original: type) -> Any:
     return cls.__new__(cls)
 
 
-def _attach(pipe: Any, plan: Plan) -> None:
+def _attach(pipe: Pipeline, plan: Plan) -> None:
     cls = prepared_class(original_class(pipe))
     if type(pipe) is not cls:
         pipe.__class__ = cls
@@ -203,11 +205,11 @@ def _attach(pipe: Any, plan: Plan) -> None:
 # Steps of applying
 
 
-def _name(pipe: Any) -> str:
+def _name(pipe: Pipeline) -> str:
     return type(pipe).__name__
 
 
-def _modules(pipe: Any) -> dict[str, Any]:
+def _modules(pipe: Pipeline) -> dict[str, Any]:
     import torch
 
     return {
@@ -233,7 +235,7 @@ def _is_quantized(module: Any) -> bool:
     )
 
 
-def _state_matches(pipe: Any, plan: Plan) -> bool:
+def _state_matches(pipe: Pipeline, plan: Plan) -> bool:
     # The VAE's dtype is left out on purpose: the NaN guard may have moved it to float32.
     denoiser = denoiser_of(pipe)
     if denoiser is None:
@@ -244,7 +246,7 @@ def _state_matches(pipe: Any, plan: Plan) -> bool:
     )
 
 
-def _move_and_cast(pipe: Any, plan: Plan) -> None:
+def _move_and_cast(pipe: Pipeline, plan: Plan) -> None:
     # Device through diffusers (it knows offloading and quantized models), dtype per
     # component: a pipeline-wide cast would take a float32 VAE through float16 and back.
     if any(
@@ -286,7 +288,7 @@ class _CastInputs:
             if first is not None and first.is_floating_point():
                 self.state["incoming"] = first.dtype
 
-        def cast(value: Any) -> Any:
+        def cast(value: object) -> Any:
             if (
                 target is not None
                 and isinstance(value, torch.Tensor)
@@ -308,7 +310,7 @@ class _CastOutput:
     def __init__(self, state: dict[str, Any]) -> None:
         self.state = state
 
-    def __call__(self, module: Any, args: Any, output: Any) -> Any:
+    def __call__(self, module: Any, args: Any, output: object) -> Any:
         import torch
 
         incoming = self.state.get("incoming")
@@ -317,7 +319,7 @@ class _CastOutput:
         return None
 
 
-def _bridge_vae(pipe: Any, plan: Plan) -> None:
+def _bridge_vae(pipe: Pipeline, plan: Plan) -> None:
     """Install (half-precision plans) or remove the VAE's dtype-bridging hooks."""
     import torch
 
@@ -368,7 +370,7 @@ def _safe_processor_class() -> Any:
     return SafeSlicedAttnProcessor
 
 
-def _apply_attention(pipe: Any, plan: Plan) -> None:
+def _apply_attention(pipe: Pipeline, plan: Plan) -> None:
     denoiser = denoiser_of(pipe)
     if denoiser is None or not hasattr(denoiser, "set_attention_slice"):
         if plan.attention_slicing:
@@ -406,7 +408,7 @@ def _apply_attention(pipe: Any, plan: Plan) -> None:
     )
 
 
-def _restore_processors(pipe: Any, denoiser: Any, *, quiet: bool = False) -> None:
+def _restore_processors(pipe: Pipeline, denoiser: Any, *, quiet: bool = False) -> None:
     saved = _markers.pop_saved_processors(denoiser)
     if saved is None:
         return
@@ -415,7 +417,7 @@ def _restore_processors(pipe: Any, denoiser: Any, *, quiet: bool = False) -> Non
         logger.info("%s: attention processors restored (slicing off)", _name(pipe))
 
 
-def _apply_vae_memory(pipe: Any, plan: Plan) -> None:
+def _apply_vae_memory(pipe: Pipeline, plan: Plan) -> None:
     # On the VAE itself: the pipeline-level enable_vae_slicing/tiling are gone after 0.39.
     vae = pipe.components.get("vae")
     if vae is None:
@@ -448,7 +450,7 @@ class _Snapshot:
     bridged: bool = False
 
     @classmethod
-    def take(cls, pipe: Any) -> _Snapshot:
+    def take(cls, pipe: Pipeline) -> _Snapshot:
         snap = cls(cls=type(pipe), plan=_markers.attached_plan(pipe))
         for name, module in _modules(pipe).items():
             snap.placement[name] = (_module_device(module), module_dtype(module))
@@ -464,7 +466,7 @@ class _Snapshot:
             snap.saved_processors = _markers.saved_processors(denoiser)
         return snap
 
-    def restore(self, pipe: Any) -> None:
+    def restore(self, pipe: Pipeline) -> None:
         """Put ``pipe`` back as it was when the snapshot was taken (best effort)."""
         steps = (
             self._restore_class,
@@ -478,7 +480,7 @@ class _Snapshot:
             except Exception:  # keep undoing the other steps
                 logger.exception("could not undo a step of applying the plan to %s", _name(pipe))
 
-    def _restore_class(self, pipe: Any) -> None:
+    def _restore_class(self, pipe: Pipeline) -> None:
         if type(pipe) is not self.cls:
             pipe.__class__ = self.cls
         if self.plan is None:
@@ -486,7 +488,7 @@ class _Snapshot:
         else:
             _markers.set_plan(pipe, self.plan)
 
-    def _restore_placement(self, pipe: Any) -> None:
+    def _restore_placement(self, pipe: Pipeline) -> None:
         for name, module in _modules(pipe).items():
             device, dtype = self.placement.get(name, (None, None))
             if device is not None and _module_device(module) != device:
@@ -494,7 +496,7 @@ class _Snapshot:
             if dtype is not None and module_dtype(module) != dtype and not _is_quantized(module):
                 module.to(dtype=dtype)
 
-    def _restore_vae(self, pipe: Any) -> None:
+    def _restore_vae(self, pipe: Pipeline) -> None:
         vae = pipe.components.get("vae")
         if vae is None:
             return
@@ -503,7 +505,7 @@ class _Snapshot:
         if not self.bridged:
             _remove_bridge(vae)
 
-    def _restore_attention(self, pipe: Any) -> None:
+    def _restore_attention(self, pipe: Pipeline) -> None:
         denoiser = denoiser_of(pipe)
         if denoiser is None or self.processors is None:
             return

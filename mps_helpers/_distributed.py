@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 
     import torch
 
+    from mps_helpers._facts import Pipeline
+
 __all__ = ["GATHER_CHOICES", "collect", "generate", "launched_processes", "share_kwargs"]
 
 logger = logging.getLogger(__name__)
@@ -144,7 +146,7 @@ def generate(
 # Arguments
 
 
-def _prompt_list(prompts: Any) -> list[str]:
+def _prompt_list(prompts: object) -> list[str]:
     """Return ``prompts`` as a non-empty list of strings."""
     if isinstance(prompts, str):
         return [prompts]
@@ -157,7 +159,7 @@ def _prompt_list(prompts: Any) -> list[str]:
     return list(prompts)
 
 
-def _generators(seeds: Any, images: int, per_prompt: int) -> list[torch.Generator]:
+def _generators(seeds: object, images: int, per_prompt: int) -> list[torch.Generator]:
     """Return one CPU generator per image, seeded from ``seeds`` (an int or one per image)."""
     if isinstance(seeds, bool) or not isinstance(seeds, (int, list, tuple)):
         raise ValueError(f"seeds must be an int or a list of ints; got {seeds!r}")
@@ -264,7 +266,7 @@ class _Share:
 
 
 def _generate_share(
-    pipe: Any, kwargs: dict[str, Any], state: Any, *, per_prompt: int, to_all: bool
+    pipe: Pipeline, kwargs: dict[str, Any], state: Any, *, per_prompt: int, to_all: bool
 ) -> Any:
     """Run this process's share of the prompts and return the gathered result (or None)."""
     processes = int(state.num_processes)
@@ -361,7 +363,7 @@ def share_kwargs(
     return share
 
 
-def _prepare_for(pipe: Any, device: Any) -> None:
+def _prepare_for(pipe: Pipeline, device: Any) -> None:
     """Prepare ``pipe`` for ``device`` (None: this machine's choice), keeping its options.
 
     A pipeline prepared earlier keeps its plan when the device type matches; otherwise it is
@@ -387,7 +389,7 @@ def _prepare_for(pipe: Any, device: Any) -> None:
         logger.info("%s: moved to %s", type(pipe).__name__, device)
 
 
-def _all_on(pipe: Any, device: Any) -> bool:
+def _all_on(pipe: Pipeline, device: Any) -> bool:
     """Return True when every module of ``pipe`` holding parameters is on ``device``."""
     import torch
 
@@ -405,7 +407,7 @@ def _all_on(pipe: Any, device: Any) -> bool:
     return True
 
 
-def _to_cpu(value: Any) -> Any:
+def _to_cpu(value: object) -> Any:
     """Return ``value`` with every torch tensor in it moved to the CPU (for the trip).
 
     A CUDA tensor pickled on one process would be rebuilt on the same GPU index by the

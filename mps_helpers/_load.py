@@ -21,7 +21,10 @@ from mps_helpers._plan import make_plan, resolve_environment, validate_options
 from mps_helpers._util import dtype_name
 
 if TYPE_CHECKING:
+    import torch
+
     from mps_helpers._environment import Environment
+    from mps_helpers._util import DeviceChoice, ProcessorChoice, Switch
 
 __all__ = [
     "DTYPE_DICT_SINCE",
@@ -48,17 +51,17 @@ def load_pipeline(
     height: int | None = None,
     width: int | None = None,
     batch_size: int | None = None,
-    device: str = "auto",
-    dtype: Any = "auto",
-    attention_slicing: bool | str = "auto",
-    attention_processor: str = "safe",
-    vae_slicing: bool | str = "auto",
-    vae_tiling: bool | str = "auto",
-    warmup: bool | str = "auto",
-    batch_to_loop: bool | str = "auto",
-    nan_guard: bool | str = "auto",
-    oom_retry: bool | str = "auto",
-    memory_watch: bool | str = "auto",
+    device: DeviceChoice = "auto",
+    dtype: torch.dtype | str = "auto",
+    attention_slicing: Switch = "auto",
+    attention_processor: ProcessorChoice = "safe",
+    vae_slicing: Switch = "auto",
+    vae_tiling: Switch = "auto",
+    warmup: Switch = "auto",
+    batch_to_loop: Switch = "auto",
+    nan_guard: Switch = "auto",
+    oom_retry: Switch = "auto",
+    memory_watch: Switch = "auto",
     **from_pretrained_kwargs: Any,
 ) -> Any:
     """Load a pipeline in the planned dtype with ``from_pretrained``, then prepare it; return it.
@@ -132,7 +135,7 @@ def load_pipeline(
     return prepare_pipeline(pipe, env=machine, **options)
 
 
-def _show_kwarg(value: Any) -> str:
+def _show_kwarg(value: object) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}: {_show_kwarg(v)}" for k, v in value.items()) + "}"
     return dtype_name(value)

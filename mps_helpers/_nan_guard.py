@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     import torch
 
+    from mps_helpers._facts import Pipeline
     from mps_helpers._plan import Plan
 
 __all__ = ["call_with_nan_guard", "has_non_finite"]
@@ -81,7 +82,7 @@ def _tensor_has_non_finite(tensor: torch.Tensor) -> bool:
 
 
 def call_with_nan_guard(
-    pipe: Any, plan: Plan, call: Callable[..., Any], kwargs: dict[str, Any]
+    pipe: Pipeline, plan: Plan, call: Callable[..., Any], kwargs: dict[str, Any]
 ) -> Any:
     """Return ``call(**kwargs)``, with NaN/inf images repaired by a float32 VAE decode.
 

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     import torch
 
     from mps_helpers._environment import Environment
+    from mps_helpers._facts import Pipeline
+    from mps_helpers._util import DeviceChoice, ProcessorChoice, Switch
 
 __all__ = [
     "DECISIONS",
@@ -396,23 +398,23 @@ def _resolve_dtype(value: Any) -> torch.dtype | None:
 
 
 def plan_for(
-    pipe: Any = None,
+    pipe: Pipeline | None = None,
     *,
     env: Environment | None = None,
     height: int | None = None,
     width: int | None = None,
     batch_size: int | None = None,
-    device: str = "auto",
-    dtype: Any = "auto",
-    attention_slicing: bool | str = "auto",
-    attention_processor: str = "safe",
-    vae_slicing: bool | str = "auto",
-    vae_tiling: bool | str = "auto",
-    warmup: bool | str = "auto",
-    batch_to_loop: bool | str = "auto",
-    nan_guard: bool | str = "auto",
-    oom_retry: bool | str = "auto",
-    memory_watch: bool | str = "auto",
+    device: DeviceChoice = "auto",
+    dtype: torch.dtype | str = "auto",
+    attention_slicing: Switch = "auto",
+    attention_processor: ProcessorChoice = "safe",
+    vae_slicing: Switch = "auto",
+    vae_tiling: Switch = "auto",
+    warmup: Switch = "auto",
+    batch_to_loop: Switch = "auto",
+    nan_guard: Switch = "auto",
+    oom_retry: Switch = "auto",
+    memory_watch: Switch = "auto",
 ) -> Plan:
     """Return the :class:`Plan` for running ``pipe`` on a machine; pure, changes nothing.
 

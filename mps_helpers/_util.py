@@ -47,6 +47,15 @@ Device = Literal["mps", "cuda", "cpu"]
 DEVICES: tuple[Device, ...] = ("mps", "cuda", "cpu")
 """The devices a plan can choose, in the order ``device="auto"`` prefers them."""
 
+DeviceChoice = Literal["auto", "mps", "cuda", "cpu"]
+"""The ``device`` option: a device, or "auto" to let the plan choose (validated at run time too)."""
+
+ProcessorChoice = Literal["safe", "diffusers"]
+"""The ``attention_processor`` option."""
+
+Switch = bool | Literal["auto"]
+"""An on/off option: True, False, or "auto" to let the plan decide."""
+
 # Frames of this package are skipped so that warnings point at the user's line.
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
