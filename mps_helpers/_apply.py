@@ -17,7 +17,7 @@ import functools
 import importlib.util
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, SupportsIndex
 
 from mps_helpers import _markers
 from mps_helpers._facts import check_pipeline, denoiser_of, facts_of
@@ -171,7 +171,7 @@ def prepared_class(original: type) -> type:
             self, functools.partial(original_call, self), args, kwargs, reapply=apply_plan
         )
 
-    def reduce_ex(self: Any, protocol: Any) -> Any:
+    def reduce_ex(self: Any, protocol: SupportsIndex) -> Any:
         # pickle looks classes up by module and qualname, which name the original class:
         # rebuild the prepared class from the original instead.
         return (_new_prepared, (original,), self.__dict__.copy())
@@ -219,14 +219,14 @@ def _modules(pipe: Pipeline) -> dict[str, Any]:
     }
 
 
-def _module_device(module: Any) -> torch.device | None:
+def _module_device(module: torch.nn.Module) -> torch.device | None:
     for param in module.parameters():
         device: torch.device = param.device
         return device
     return None
 
 
-def _is_quantized(module: Any) -> bool:
+def _is_quantized(module: object) -> bool:
     return bool(
         getattr(module, "is_quantized", False)
         or getattr(module, "is_loaded_in_8bit", False)
@@ -279,7 +279,7 @@ class _CastInputs:
         self.state = state
         self.record = record
 
-    def __call__(self, module: Any, args: tuple[Any, ...], kwargs: Any = None) -> Any:
+    def __call__(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: Any = None) -> Any:
         import torch
 
         target = module_dtype(module)
@@ -310,7 +310,7 @@ class _CastOutput:
     def __init__(self, state: dict[str, Any]) -> None:
         self.state = state
 
-    def __call__(self, module: Any, args: Any, output: object) -> Any:
+    def __call__(self, module: torch.nn.Module, args: Any, output: object) -> Any:
         import torch
 
         incoming = self.state.get("incoming")
@@ -349,14 +349,14 @@ def _bridge_vae(pipe: Pipeline, plan: Plan) -> None:
         _remove_bridge(vae)
 
 
-def _pre_hook(module: Any, hook: _CastInputs) -> Any:
+def _pre_hook(module: torch.nn.Module, hook: _CastInputs) -> Any:
     try:
         return module.register_forward_pre_hook(hook, with_kwargs=True)
     except TypeError:  # torch 1.13: no with_kwargs
         return module.register_forward_pre_hook(hook)
 
 
-def _remove_bridge(vae: Any) -> None:
+def _remove_bridge(vae: object) -> None:
     for handle in _markers.pop_cast_hooks(vae) or ():
         handle.remove()
 

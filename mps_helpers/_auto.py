@@ -228,7 +228,7 @@ class AutoPrepare:
                 finally:
                     _leave(token)
 
-            return run_async  # type: ignore[return-value]
+            return run_async  # type: ignore[return-value]  # wraps func, same signature
 
         @functools.wraps(func)
         def run(*args: Any, **kwargs: Any) -> Any:
@@ -238,7 +238,7 @@ class AutoPrepare:
             finally:
                 _leave(token)
 
-        return run  # type: ignore[return-value]
+        return run  # type: ignore[return-value]  # wraps func, same signature
 
 
 # ---------------------------------------------------------------------------------------
@@ -386,7 +386,7 @@ def _patched_loader(original: classmethod[Any, ..., Any]) -> classmethod[Any, ..
         _log.info("auto_prepare: preparing what %s.%s returned", cls.__name__, loader.__name__)
         return _prepare(pipe, options)
 
-    loader.__mps_helpers_original__ = original  # type: ignore[attr-defined]
+    loader.__mps_helpers_original__ = original  # type: ignore[attr-defined]  # a mark on a function
     return classmethod(loader)
 
 

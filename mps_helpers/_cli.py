@@ -186,7 +186,7 @@ def _run_target(module: str | None, script: str | None, script_args: list[str]) 
         if module is not None:
             runpy.run_module(module, run_name="__main__", alter_sys=True)
         else:
-            runpy.run_path(script, run_name="__main__")  # type: ignore[arg-type]
+            runpy.run_path(script, run_name="__main__")  # type: ignore[arg-type]  # set: module is None
     except SystemExit as exit_:
         return _exit_status(exit_.code)
     except Exception as error:  # the script's own error: report it as Python would

@@ -32,7 +32,7 @@ import logging
 import os
 import traceback
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from mps_helpers._batch import batch_size, bind_call, merge_outputs, merge_values, split_batch
 from mps_helpers._errors import BatchError, DistributedGenerationError
@@ -64,7 +64,7 @@ def generate(
     prompts: str | Sequence[str],
     *,
     seeds: int | Sequence[int] | None = None,
-    gather: str = "main",
+    gather: Literal["main", "all"] = "main",
     **call_kwargs: Any,
 ) -> Any:
     """Return the pipeline's result for ``prompts``, spread over the launch's processes.
@@ -363,7 +363,7 @@ def share_kwargs(
     return share
 
 
-def _prepare_for(pipe: Pipeline, device: Any) -> None:
+def _prepare_for(pipe: Pipeline, device: torch.device | None) -> None:
     """Prepare ``pipe`` for ``device`` (None: this machine's choice), keeping its options.
 
     A pipeline prepared earlier keeps its plan when the device type matches; otherwise it is
@@ -389,7 +389,7 @@ def _prepare_for(pipe: Pipeline, device: Any) -> None:
         logger.info("%s: moved to %s", type(pipe).__name__, device)
 
 
-def _all_on(pipe: Pipeline, device: Any) -> bool:
+def _all_on(pipe: Pipeline, device: torch.device) -> bool:
     """Return True when every module of ``pipe`` holding parameters is on ``device``."""
     import torch
 

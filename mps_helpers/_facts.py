@@ -142,7 +142,7 @@ def denoiser_of(pipe: Pipeline) -> Any:
     return None
 
 
-def _default_size(pipe: Pipeline, denoiser: Any, vae: Any) -> tuple[int | None, int | None]:
+def _default_size(pipe: Pipeline, denoiser: object, vae: object) -> tuple[int | None, int | None]:
     sample = getattr(pipe, "default_sample_size", None)
     if sample is None and denoiser is not None:
         sample = getattr(getattr(denoiser, "config", None), "sample_size", None)
@@ -176,7 +176,7 @@ def upcasts_vae_itself(pipeline_class: type) -> bool:
         if klass.__module__.startswith("diffusers.pipelines.pipeline_utils") or klass is object:
             continue
         try:
-            source = inspect.getsource(inspect.getmodule(klass))  # type: ignore[arg-type]
+            source = inspect.getsource(inspect.getmodule(klass))  # type: ignore[arg-type]  # None: TypeError below
         except (OSError, TypeError):
             return hasattr(pipeline_class, "upcast_vae")
         if "config.force_upcast" in source:

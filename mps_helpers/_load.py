@@ -141,7 +141,7 @@ def _show_kwarg(value: object) -> str:
     return dtype_name(value)
 
 
-def _dtype_option(dtype: Any, torch_dtype: Any) -> Any:
+def _dtype_option(dtype: torch.dtype | str, torch_dtype: object) -> object:
     """Merge ``torch_dtype=`` (a from_pretrained name) into the plan's ``dtype`` option."""
     if torch_dtype is None:
         return dtype

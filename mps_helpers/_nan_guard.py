@@ -254,7 +254,7 @@ class _DecodeGuard:
             )
 
 
-def _is_float32(dtype: Any) -> bool:
+def _is_float32(dtype: torch.dtype | None) -> bool:
     import torch
 
     return dtype in (None, torch.float32, torch.float64)
@@ -301,7 +301,7 @@ def _with_sample(out: Any, sample: Any) -> Any:
 
 
 @contextmanager
-def _float32(module: Any) -> Iterator[None]:
+def _float32(module: torch.nn.Module) -> Iterator[None]:
     """Run the block with ``module`` in float32, then restore each tensor's dtype.
 
     Casting float16/bfloat16 to float32 and back is exact, so the weights come back
@@ -335,6 +335,6 @@ def _float32(module: Any) -> Iterator[None]:
                     setattr(owner, leaf, getattr(owner, leaf).to(dtype))
 
 
-def _count_floating(module: Any) -> int:
+def _count_floating(module: torch.nn.Module) -> int:
     tensors = [*module.parameters(), *module.buffers()]
     return sum(1 for tensor in tensors if tensor.is_floating_point())

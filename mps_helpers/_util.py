@@ -116,7 +116,7 @@ def release(version: Version | str | None) -> tuple[int, ...]:
     return () if version is None else version.release
 
 
-def module_dtype(module: Any) -> torch.dtype | None:
+def module_dtype(module: torch.nn.Module) -> torch.dtype | None:
     """Return the dtype of the module's first floating parameter (None when it has none)."""
     for param in module.parameters():
         if param.is_floating_point():

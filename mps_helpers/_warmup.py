@@ -109,7 +109,7 @@ def _global_rng_kept() -> Iterator[None]:
 
     cpu = torch.get_rng_state()
     cuda = None
-    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]  # torch leaves it unannotated
         cuda = torch.cuda.get_rng_state_all()
     mps_module = getattr(torch, "mps", None)
     mps = None

@@ -144,7 +144,7 @@ def _output_class() -> Any:
     from diffusers.utils import BaseOutput
 
     @dataclasses.dataclass
-    class Output(BaseOutput):  # type: ignore[misc]
+    class Output(BaseOutput):  # type: ignore[misc]  # diffusers is untyped here
         images: Any
         nsfw_content_detected: Any
 
