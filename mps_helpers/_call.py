@@ -6,7 +6,7 @@ the pipeline up once (``plan.warmup``), and runs the call under the guards; with
 ``plan.batch_to_loop`` a call that carries several prompts runs one prompt at a time and
 returns the merged result the batched call would have returned.
 
-Exactness of the loop (see EVIDENCE.md, "Batch versus loop: exactness"):
+Exactness of the loop (docs/explanation/batch-and-warmup.md, "How exact it is"):
 
 - a list of generators reproduces the batched call for every scheduler: each prompt gets its
   own consecutive run of ``num_images_per_prompt`` generators;

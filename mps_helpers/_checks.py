@@ -1,7 +1,8 @@
 """Readiness checks: read an :class:`Environment` and say what stands in the way of mps.
 
-Every rule cites its source in ``EVIDENCE.md`` terms: the diffusers mps guide's requirements,
-and the minimum macOS each torch release needs for mps (it rose from 12.3 to 14.0).
+Every rule cites its source: the diffusers mps guide's requirements, and the minimum macOS
+each torch release needs for mps (it rose from 12.3 to 14.0). ``docs/howto/read-doctor.md``
+explains each finding.
 """
 
 from __future__ import annotations

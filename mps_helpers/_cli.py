@@ -141,7 +141,7 @@ def _plan_options(args: argparse.Namespace) -> dict[str, Any]:
 def _set_fallback_variable() -> None:
     # torch reads the variable once, when it is imported: set it before anything imports torch.
     # An explicit value of the user's (even "0") is kept. The watermark variables are never set:
-    # a wrong one can freeze the machine (EVIDENCE.md).
+    # a wrong one can freeze the machine (docs/explanation/guards.md).
     os.environ.setdefault(FALLBACK_VARIABLE, "1")
 
 

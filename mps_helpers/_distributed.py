@@ -175,7 +175,8 @@ def _generators(seeds: object, images: int, per_prompt: int) -> list[torch.Gener
     import torch
 
     # CPU generators: diffusers draws on the generator's device and moves the noise, so the
-    # same seed gives the same starting noise on mps, CUDA and CPU (EVIDENCE.md).
+    # same seed gives the same starting noise on mps, CUDA and CPU (pytorch #84288,
+    # diffusers #934).
     return [torch.Generator("cpu").manual_seed(value) for value in values]
 
 

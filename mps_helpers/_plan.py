@@ -5,9 +5,10 @@
 and returns a frozen :class:`Plan`. It does no device work and never changes the pipeline;
 :mod:`mps_helpers._apply` carries a plan out.
 
-Every automatic rule below cites its evidence (``/work/shared/EVIDENCE.md`` in the
-project, summarised in ``docs/explanation/decisions.md``); the reason strings carry the
-figures that decided each case, so ``str(plan)`` explains itself.
+Every automatic rule below cites its evidence, which ``docs/explanation/decisions.md`` gives
+with its figures and sources; the reason strings carry the figures that decided each case, so
+``str(plan)`` explains itself. Pipeline facts are :mod:`mps_helpers._facts`'; the policy of the
+out-of-memory retry (:func:`stricter_plan`) is at the end of this module.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ _SWITCHES: tuple[str, ...] = (
     "memory_watch",
 )
 
-# --- thresholds, each traceable to EVIDENCE.md -------------------------------------------
+# --- thresholds, each traceable to docs/explanation/decisions.md -------------------------
 
 #: The source rule (diffusers "optimization/mps"): slice attention below 64 GB of RAM.
 SLICING_RAM_THRESHOLD = 64 * GiB
@@ -108,7 +109,7 @@ CPU_BF16_EMULATED = (
     "100-330x with AVX2"
 )
 
-#: bfloat16 on mps needs torch 2.3 and macOS 14 (EVIDENCE: "PyTorch mps facts by version").
+#: bfloat16 on mps needs torch 2.3 and macOS 14 (docs/explanation/decisions.md#dtype).
 MPS_BF16_TORCH = Version("2.3")
 MPS_BF16_MACOS = Version("14")
 

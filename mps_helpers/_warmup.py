@@ -1,8 +1,8 @@
 """The one-time warmup pass: one throw-away 1-step call before a pipeline's first real call.
 
 On torch 1.13 with mps the first inference pass gives slightly different results from later
-ones (diffusers' "optimization/mps" page; see EVIDENCE.md), so a prepared pipeline whose plan
-says ``warmup`` runs a 1-step pass at the first call's size and discards it.
+ones (diffusers' "optimization/mps" page; docs/explanation/batch-and-warmup.md), so a prepared
+pipeline whose plan says ``warmup`` runs a 1-step pass at the first call's size and discards it.
 
 The warmup is done once per pipeline object, device and dtype: re-preparing a pipeline for
 the same device and dtype does not warm it up again; moving it to another device or dtype
