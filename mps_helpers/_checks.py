@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Literal
 
 from packaging.version import Version
 
-from mps_helpers._util import GiB, format_bytes, release
+from mps_helpers._util import GiB, MiB, format_bytes, release
 
 if TYPE_CHECKING:
     from mps_helpers._environment import Environment
@@ -33,7 +33,7 @@ RECOMMENDED_TORCH = Version("2.0")
 #: Below this much RAM the library slices attention on mps (the guide's 64 GB rule).
 LOW_MEMORY_BYTES = 64 * GiB
 #: Swap in use above this is worth a warning (macOS keeps a little swap in use routinely).
-SWAP_WARNING_BYTES = 512 * 2**20
+SWAP_WARNING_BYTES = 512 * MiB
 
 _ARM64_PYTHON_FIX = (
     "Install an arm64 (native) Python and reinstall torch into it: for example the "

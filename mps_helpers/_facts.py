@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from mps_helpers._markers import original_class
+from mps_helpers._util import MiB
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -271,7 +272,7 @@ def _stored_dtype(folder: Path) -> torch.dtype | None:
     try:
         with files[0].open("rb") as handle:
             size = int.from_bytes(handle.read(8), "little")
-            if not 0 < size < 100 * 2**20:
+            if not 0 < size < 100 * MiB:
                 return None
             header = json.loads(handle.read(size))
     except (OSError, ValueError):
