@@ -264,3 +264,19 @@ def test_every_all_name_exists() -> None:
         )
         absent = [item for item in module.__all__ if not hasattr(module, item)]
         assert absent == [], f"{name}.__all__ names what it lacks: {absent}"
+
+
+def test_only_markers_spells_the_marker_attributes() -> None:
+    # Every other module reads and writes the prepared-pipeline marks through _markers.
+    spelled = []
+    for name, path in _modules().items():
+        if name == "_markers":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (
+                isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and node.value.startswith("_mps_helpers_")
+            ):
+                spelled.append(f"{name}:{node.lineno} {node.value!r}")
+    assert spelled == []
