@@ -6,5 +6,7 @@ import sys
 
 from mps_helpers._cli import main
 
+__all__: list[str] = []
+
 if __name__ == "__main__":
     sys.exit(main())

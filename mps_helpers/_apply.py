@@ -17,7 +17,7 @@ import functools
 import importlib.util
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, SupportsIndex
 
 from mps_helpers import _markers
 from mps_helpers._facts import check_pipeline, denoiser_of, facts_of
@@ -30,7 +30,9 @@ if TYPE_CHECKING:
     import torch
 
     from mps_helpers._environment import Environment
+    from mps_helpers._facts import Pipeline, PipelineT
     from mps_helpers._plan import Plan
+    from mps_helpers._util import DeviceChoice, ProcessorChoice, Switch
 
 __all__ = [
     "apply_plan",
@@ -54,24 +56,24 @@ _PLAIN_PROCESSORS = frozenset(
 
 
 def prepare_pipeline(
-    pipe: Any,
+    pipe: PipelineT,
     *,
     env: Environment | None = None,
     height: int | None = None,
     width: int | None = None,
     batch_size: int | None = None,
-    device: str = "auto",
-    dtype: Any = "auto",
-    attention_slicing: bool | str = "auto",
-    attention_processor: str = "safe",
-    vae_slicing: bool | str = "auto",
-    vae_tiling: bool | str = "auto",
-    warmup: bool | str = "auto",
-    batch_to_loop: bool | str = "auto",
-    nan_guard: bool | str = "auto",
-    oom_retry: bool | str = "auto",
-    memory_watch: bool | str = "auto",
-) -> Any:
+    device: DeviceChoice = "auto",
+    dtype: torch.dtype | str = "auto",
+    attention_slicing: Switch = "auto",
+    attention_processor: ProcessorChoice = "safe",
+    vae_slicing: Switch = "auto",
+    vae_tiling: Switch = "auto",
+    warmup: Switch = "auto",
+    batch_to_loop: Switch = "auto",
+    nan_guard: Switch = "auto",
+    oom_retry: Switch = "auto",
+    memory_watch: Switch = "auto",
+) -> PipelineT:
     """Apply the plan for this machine to ``pipe`` and return the same object, prepared.
 
     The options are those of :func:`mps_helpers.plan_for` ("auto" or an explicit value).
@@ -105,7 +107,7 @@ def prepare_quietly(pipe: Any, env: Environment, options: Options) -> Plan:
     return plan
 
 
-def plan_of(pipe: Any) -> Plan | None:
+def plan_of(pipe: Pipeline) -> Plan | None:
     """Return the plan applied to ``pipe`` by :func:`prepare_pipeline` (None: never prepared).
 
     Raises:
@@ -116,7 +118,7 @@ def plan_of(pipe: Any) -> Plan | None:
     return _markers.stored_plan(pipe)
 
 
-def apply_plan(pipe: Any, plan: Plan) -> Any:
+def apply_plan(pipe: PipelineT, plan: Plan) -> PipelineT:
     """Apply an existing ``plan`` to ``pipe`` and return the same object.
 
     Moves and casts the components, bridges a float32 VAE, installs or removes attention
@@ -163,7 +165,7 @@ def prepared_class(original: type) -> type:
             self, functools.partial(original_call, self), args, kwargs, reapply=apply_plan
         )
 
-    def reduce_ex(self: Any, protocol: Any) -> Any:
+    def reduce_ex(self: Any, protocol: SupportsIndex) -> Any:
         # pickle looks classes up by module and qualname, which name the original class:
         # rebuild the prepared class from the original instead.
         return (_new_prepared, (original,), self.__dict__.copy())
@@ -185,7 +187,7 @@ def _new_prepared(original: type) -> Any:
     return cls.__new__(cls)
 
 
-def _attach(pipe: Any, plan: Plan) -> None:
+def _attach(pipe: Pipeline, plan: Plan) -> None:
     cls = prepared_class(original_class(pipe))
     if type(pipe) is not cls:
         pipe.__class__ = cls
@@ -197,11 +199,11 @@ def _attach(pipe: Any, plan: Plan) -> None:
 # Steps of applying
 
 
-def _name(pipe: Any) -> str:
+def _name(pipe: Pipeline) -> str:
     return type(pipe).__name__
 
 
-def _modules(pipe: Any) -> dict[str, Any]:
+def _modules(pipe: Pipeline) -> dict[str, Any]:
     import torch
 
     return {
@@ -211,14 +213,14 @@ def _modules(pipe: Any) -> dict[str, Any]:
     }
 
 
-def _module_device(module: Any) -> torch.device | None:
+def _module_device(module: torch.nn.Module) -> torch.device | None:
     for param in module.parameters():
         device: torch.device = param.device
         return device
     return None
 
 
-def _is_quantized(module: Any) -> bool:
+def _is_quantized(module: object) -> bool:
     return bool(
         getattr(module, "is_quantized", False)
         or getattr(module, "is_loaded_in_8bit", False)
@@ -227,7 +229,7 @@ def _is_quantized(module: Any) -> bool:
     )
 
 
-def _state_matches(pipe: Any, plan: Plan) -> bool:
+def _state_matches(pipe: Pipeline, plan: Plan) -> bool:
     # The VAE's dtype is left out on purpose: the NaN guard may have moved it to float32.
     denoiser = denoiser_of(pipe)
     if denoiser is None:
@@ -238,7 +240,7 @@ def _state_matches(pipe: Any, plan: Plan) -> bool:
     )
 
 
-def _move_and_cast(pipe: Any, plan: Plan) -> None:
+def _move_and_cast(pipe: Pipeline, plan: Plan) -> None:
     # Device through diffusers (it knows offloading and quantized models), dtype per
     # component: a pipeline-wide cast would take a float32 VAE through float16 and back.
     if any(
@@ -271,7 +273,7 @@ class _CastInputs:
         self.state = state
         self.record = record
 
-    def __call__(self, module: Any, args: tuple[Any, ...], kwargs: Any = None) -> Any:
+    def __call__(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: Any = None) -> Any:
         import torch
 
         target = module_dtype(module)
@@ -280,7 +282,7 @@ class _CastInputs:
             if first is not None and first.is_floating_point():
                 self.state["incoming"] = first.dtype
 
-        def cast(value: Any) -> Any:
+        def cast(value: object) -> Any:
             if (
                 target is not None
                 and isinstance(value, torch.Tensor)
@@ -302,7 +304,7 @@ class _CastOutput:
     def __init__(self, state: dict[str, Any]) -> None:
         self.state = state
 
-    def __call__(self, module: Any, args: Any, output: Any) -> Any:
+    def __call__(self, module: torch.nn.Module, args: Any, output: object) -> Any:
         import torch
 
         incoming = self.state.get("incoming")
@@ -311,7 +313,7 @@ class _CastOutput:
         return None
 
 
-def _bridge_vae(pipe: Any, plan: Plan) -> None:
+def _bridge_vae(pipe: Pipeline, plan: Plan) -> None:
     """Install (half-precision plans) or remove the VAE's dtype-bridging hooks."""
     import torch
 
@@ -341,14 +343,14 @@ def _bridge_vae(pipe: Any, plan: Plan) -> None:
         _remove_bridge(vae)
 
 
-def _pre_hook(module: Any, hook: _CastInputs) -> Any:
+def _pre_hook(module: torch.nn.Module, hook: _CastInputs) -> Any:
     try:
         return module.register_forward_pre_hook(hook, with_kwargs=True)
     except TypeError:  # torch 1.13: no with_kwargs
         return module.register_forward_pre_hook(hook)
 
 
-def _remove_bridge(vae: Any) -> None:
+def _remove_bridge(vae: object) -> None:
     for handle in _markers.pop_cast_hooks(vae) or ():
         handle.remove()
 
@@ -362,7 +364,7 @@ def _safe_processor_class() -> Any:
     return SafeSlicedAttnProcessor
 
 
-def _apply_attention(pipe: Any, plan: Plan) -> None:
+def _apply_attention(pipe: Pipeline, plan: Plan) -> None:
     denoiser = denoiser_of(pipe)
     if denoiser is None or not hasattr(denoiser, "set_attention_slice"):
         if plan.attention_slicing:
@@ -400,7 +402,7 @@ def _apply_attention(pipe: Any, plan: Plan) -> None:
     )
 
 
-def _restore_processors(pipe: Any, denoiser: Any, *, quiet: bool = False) -> None:
+def _restore_processors(pipe: Pipeline, denoiser: Any, *, quiet: bool = False) -> None:
     saved = _markers.pop_saved_processors(denoiser)
     if saved is None:
         return
@@ -409,7 +411,7 @@ def _restore_processors(pipe: Any, denoiser: Any, *, quiet: bool = False) -> Non
         logger.info("%s: attention processors restored (slicing off)", _name(pipe))
 
 
-def _apply_vae_memory(pipe: Any, plan: Plan) -> None:
+def _apply_vae_memory(pipe: Pipeline, plan: Plan) -> None:
     # On the VAE itself: the pipeline-level enable_vae_slicing/tiling are gone after 0.39.
     vae = pipe.components.get("vae")
     if vae is None:
@@ -442,7 +444,7 @@ class _Snapshot:
     bridged: bool = False
 
     @classmethod
-    def take(cls, pipe: Any) -> _Snapshot:
+    def take(cls, pipe: Pipeline) -> _Snapshot:
         snap = cls(cls=type(pipe), plan=_markers.attached_plan(pipe))
         for name, module in _modules(pipe).items():
             snap.placement[name] = (_module_device(module), module_dtype(module))
@@ -458,7 +460,7 @@ class _Snapshot:
             snap.saved_processors = _markers.saved_processors(denoiser)
         return snap
 
-    def restore(self, pipe: Any) -> None:
+    def restore(self, pipe: Pipeline) -> None:
         """Put ``pipe`` back as it was when the snapshot was taken (best effort)."""
         steps = (
             self._restore_class,
@@ -472,7 +474,7 @@ class _Snapshot:
             except Exception:  # keep undoing the other steps
                 logger.exception("could not undo a step of applying the plan to %s", _name(pipe))
 
-    def _restore_class(self, pipe: Any) -> None:
+    def _restore_class(self, pipe: Pipeline) -> None:
         if type(pipe) is not self.cls:
             pipe.__class__ = self.cls
         if self.plan is None:
@@ -480,7 +482,7 @@ class _Snapshot:
         else:
             _markers.set_plan(pipe, self.plan)
 
-    def _restore_placement(self, pipe: Any) -> None:
+    def _restore_placement(self, pipe: Pipeline) -> None:
         for name, module in _modules(pipe).items():
             device, dtype = self.placement.get(name, (None, None))
             if device is not None and _module_device(module) != device:
@@ -488,7 +490,7 @@ class _Snapshot:
             if dtype is not None and module_dtype(module) != dtype and not _is_quantized(module):
                 module.to(dtype=dtype)
 
-    def _restore_vae(self, pipe: Any) -> None:
+    def _restore_vae(self, pipe: Pipeline) -> None:
         vae = pipe.components.get("vae")
         if vae is None:
             return
@@ -497,7 +499,7 @@ class _Snapshot:
         if not self.bridged:
             _remove_bridge(vae)
 
-    def _restore_attention(self, pipe: Any) -> None:
+    def _restore_attention(self, pipe: Pipeline) -> None:
         denoiser = denoiser_of(pipe)
         if denoiser is None or self.processors is None:
             return

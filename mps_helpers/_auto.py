@@ -45,6 +45,7 @@ from mps_helpers._util import dtype_name
 if TYPE_CHECKING:
     import torch
 
+    from mps_helpers._facts import Pipeline
     from mps_helpers._plan import Plan
 
 __all__ = ["AutoPrepare", "AutoPrepareWarning", "active_options", "auto_prepare"]
@@ -227,7 +228,7 @@ class AutoPrepare:
                 finally:
                     _leave(token)
 
-            return run_async  # type: ignore[return-value]
+            return run_async  # type: ignore[return-value]  # wraps func, same signature
 
         @functools.wraps(func)
         def run(*args: Any, **kwargs: Any) -> Any:
@@ -237,7 +238,7 @@ class AutoPrepare:
             finally:
                 _leave(token)
 
-        return run  # type: ignore[return-value]
+        return run  # type: ignore[return-value]  # wraps func, same signature
 
 
 # ---------------------------------------------------------------------------------------
@@ -277,7 +278,7 @@ def _leave(token: contextvars.Token[tuple[Mapping[str, Any], ...]]) -> None:
     _patches.release()
 
 
-def _prepare_result(result: Any) -> Any:
+def _prepare_result(result: object) -> Any:
     from diffusers import DiffusionPipeline
 
     options = active_options()
@@ -287,7 +288,7 @@ def _prepare_result(result: Any) -> Any:
     return _prepare(result, options)
 
 
-def _prepare(pipe: Any, options: Mapping[str, Any]) -> Any:
+def _prepare(pipe: Pipeline, options: Mapping[str, Any]) -> Any:
     from mps_helpers._apply import prepare_pipeline
 
     return prepare_pipeline(pipe, **options)
@@ -381,11 +382,11 @@ def _patched_loader(original: classmethod[Any, ..., Any]) -> classmethod[Any, ..
         _log.info("auto_prepare: preparing what %s.%s returned", cls.__name__, loader.__name__)
         return _prepare(pipe, options)
 
-    loader.__mps_helpers_original__ = original  # type: ignore[attr-defined]
+    loader.__mps_helpers_original__ = original  # type: ignore[attr-defined]  # a mark on a function
     return classmethod(loader)
 
 
-def _plan_if_active(pipe: Any) -> Plan | None:
+def _plan_if_active(pipe: Pipeline) -> Plan | None:
     """Return ``pipe``'s plan when this thread has an active scope, else None."""
     if active_options() is None:
         return None
@@ -446,7 +447,7 @@ def _ignored_parts(
     return ignored
 
 
-def _slicing_ignored(pipe: Any, plan: Plan, method: str) -> None:
+def _slicing_ignored(pipe: Pipeline, plan: Plan, method: str) -> None:
     kept = "memory-bounded safe attention" if plan.attention_slicing else "unsliced attention"
     why = plan.reasons.get("attention_slicing", "").rstrip(".")
     warnings.warn(

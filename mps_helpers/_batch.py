@@ -132,7 +132,7 @@ def bind_call(
     return BoundCall(kwargs=flat, num_images_per_prompt=int(per_prompt))
 
 
-def _rows(value: Any) -> int | None:
+def _rows(value: object) -> int | None:
     """Return the length of the first dimension of an array or tensor, else None."""
     shape = getattr(value, "shape", None)
     if shape is None or len(shape) == 0:
@@ -169,7 +169,7 @@ def _fix(name: str) -> str:
     return "pass one per prompt, or a single string for all prompts"
 
 
-def _image_count(name: str, value: Any) -> int | None:
+def _image_count(name: str, value: object) -> int | None:
     """Return how many images ``value`` holds along its batch, or None for a single image."""
     if isinstance(value, (list, tuple)):
         return len(value)

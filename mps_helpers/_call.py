@@ -6,7 +6,7 @@ the pipeline up once (``plan.warmup``), and runs the call under the guards; with
 ``plan.batch_to_loop`` a call that carries several prompts runs one prompt at a time and
 returns the merged result the batched call would have returned.
 
-Exactness of the loop (see EVIDENCE.md, "Batch versus loop: exactness"):
+Exactness of the loop (docs/explanation/batch-and-warmup.md, "How exact it is"):
 
 - a list of generators reproduces the batched call for every scheduler: each prompt gets its
   own consecutive run of ``num_images_per_prompt`` generators;
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
     import torch
 
+    from mps_helpers._facts import Pipeline
     from mps_helpers._plan import Plan
 
     #: What applies a plan to a pipeline (:func:`mps_helpers._apply.apply_plan`): handed
@@ -71,7 +72,7 @@ _standard_classes: dict[type, bool] = {}
 
 
 def prepared_call(
-    pipe: Any,
+    pipe: Pipeline,
     call: Callable[..., Any],
     args: Sequence[Any],
     kwargs: Mapping[str, Any],
@@ -124,7 +125,7 @@ def prepared_call(
 
 
 def call_with_recovery(
-    pipe: Any,
+    pipe: Pipeline,
     plan: Plan,
     run_all: Callable[[dict[str, Any], Plan], Any],
     kwargs: dict[str, Any],
@@ -155,7 +156,7 @@ def call_with_recovery(
     return result
 
 
-def _split(pipe: Any, bound: BoundCall, prompts: int) -> list[dict[str, Any]]:
+def _split(pipe: Pipeline, bound: BoundCall, prompts: int) -> list[dict[str, Any]]:
     return split_batch(
         bound.kwargs,
         prompts,
@@ -165,7 +166,7 @@ def _split(pipe: Any, bound: BoundCall, prompts: int) -> list[dict[str, Any]]:
 
 
 def _run_looped(
-    pipe: Any, plan: Plan, call: Callable[..., Any], kwargs: dict[str, Any], prompts: int
+    pipe: Pipeline, plan: Plan, call: Callable[..., Any], kwargs: dict[str, Any], prompts: int
 ) -> Any:
     """Run a batch of ``prompts`` prompts one at a time and return the merged result."""
     bound = bind_call(call, (), kwargs)
@@ -260,7 +261,7 @@ def _latents_dtype(pipe: Any) -> torch.dtype:
 
 
 def _initial_latents(
-    pipe: Any, kwargs: Mapping[str, Any], images: int, generator: Any
+    pipe: Any, kwargs: Mapping[str, Any], images: int, generator: object
 ) -> torch.Tensor | None:
     """Return the batch's initial latents drawn as its ``prepare_latents`` would, or None.
 

@@ -1,8 +1,8 @@
 """Readiness checks: read an :class:`Environment` and say what stands in the way of mps.
 
 Every rule cites its source: the diffusers mps guide's requirements, and the minimum macOS
-each torch release needs for mps (it rose from 12.3 to 14.0; see the docs' "How to read
-doctor" page).
+each torch release needs for mps (it rose from 12.3 to 14.0). ``docs/howto/read-doctor.md``
+explains each finding.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Literal
 from packaging.version import Version
 
 from mps_helpers._reasons import EVIDENCE, SLICING_RAM_THRESHOLD
-from mps_helpers._util import format_bytes, release
+from mps_helpers._util import MiB, format_bytes, release
 
 if TYPE_CHECKING:
     from mps_helpers._environment import Environment
@@ -32,7 +32,7 @@ GUIDE_RECOMMENDED_MACOS = Version("13.0")
 MIN_TORCH = Version("1.13")
 RECOMMENDED_TORCH = Version("2.0")
 #: Swap in use above this is worth a warning (macOS keeps a little swap in use routinely).
-SWAP_WARNING_BYTES = 512 * 2**20
+SWAP_WARNING_BYTES = 512 * MiB
 
 _ARM64_PYTHON_FIX = (
     "Install an arm64 (native) Python and reinstall torch into it: for example the "

@@ -123,7 +123,7 @@ def _plan_options(args: argparse.Namespace) -> dict[str, Any]:
 def _set_fallback_variable() -> None:
     # torch reads the variable once, when it is imported: set it before anything imports torch.
     # An explicit value of the user's (even "0") is kept. The watermark variables are never set:
-    # a wrong one can freeze the machine (EVIDENCE.md).
+    # a wrong one can freeze the machine (docs/explanation/guards.md).
     os.environ.setdefault(FALLBACK_VARIABLE, "1")
 
 
@@ -168,7 +168,7 @@ def _run_target(module: str | None, script: str | None, script_args: list[str]) 
         if module is not None:
             runpy.run_module(module, run_name="__main__", alter_sys=True)
         else:
-            runpy.run_path(script, run_name="__main__")  # type: ignore[arg-type]
+            runpy.run_path(script, run_name="__main__")  # type: ignore[arg-type]  # set: module is None
     except SystemExit as exit_:
         return _exit_status(exit_.code)
     except Exception as error:  # the script's own error: report it as Python would

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    from mps_helpers._facts import Pipeline
+
 __all__ = ["DEFAULT_OUTPUT", "DEFAULT_PROMPT", "DemoImage", "demo_pipeline", "generate_image"]
 
 DEFAULT_OUTPUT = "mps_helpers_demo.png"
@@ -74,7 +76,7 @@ def generate_image(
     return DemoImage(path, image.width, image.height, used, seconds)
 
 
-def _default_steps(pipe: Any) -> int:
+def _default_steps(pipe: Pipeline) -> int:
     import inspect
 
     parameter = inspect.signature(type(pipe).__call__).parameters.get("num_inference_steps")

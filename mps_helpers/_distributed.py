@@ -32,7 +32,7 @@ import logging
 import os
 import traceback
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from mps_helpers._batch import batch_size, bind_call, merge_outputs, merge_values, split_batch
 from mps_helpers._errors import BatchError, DistributedGenerationError
@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
     import torch
+
+    from mps_helpers._facts import Pipeline
 
 __all__ = ["GATHER_CHOICES", "collect", "generate", "launched_processes", "share_kwargs"]
 
@@ -62,7 +64,7 @@ def generate(
     prompts: str | Sequence[str],
     *,
     seeds: int | Sequence[int] | None = None,
-    gather: str = "main",
+    gather: Literal["main", "all"] = "main",
     **call_kwargs: Any,
 ) -> Any:
     """Return the pipeline's result for ``prompts``, spread over the launch's processes.
@@ -144,7 +146,7 @@ def generate(
 # Arguments
 
 
-def _prompt_list(prompts: Any) -> list[str]:
+def _prompt_list(prompts: object) -> list[str]:
     """Return ``prompts`` as a non-empty list of strings."""
     if isinstance(prompts, str):
         return [prompts]
@@ -157,7 +159,7 @@ def _prompt_list(prompts: Any) -> list[str]:
     return list(prompts)
 
 
-def _generators(seeds: Any, images: int, per_prompt: int) -> list[torch.Generator]:
+def _generators(seeds: object, images: int, per_prompt: int) -> list[torch.Generator]:
     """Return one CPU generator per image, seeded from ``seeds`` (an int or one per image)."""
     if isinstance(seeds, bool) or not isinstance(seeds, (int, list, tuple)):
         raise ValueError(f"seeds must be an int or a list of ints; got {seeds!r}")
@@ -173,7 +175,8 @@ def _generators(seeds: Any, images: int, per_prompt: int) -> list[torch.Generato
     import torch
 
     # CPU generators: diffusers draws on the generator's device and moves the noise, so the
-    # same seed gives the same starting noise on mps, CUDA and CPU (EVIDENCE.md).
+    # same seed gives the same starting noise on mps, CUDA and CPU (pytorch #84288,
+    # diffusers #934).
     return [torch.Generator("cpu").manual_seed(value) for value in values]
 
 
@@ -264,7 +267,7 @@ class _Share:
 
 
 def _generate_share(
-    pipe: Any, kwargs: dict[str, Any], state: Any, *, per_prompt: int, to_all: bool
+    pipe: Pipeline, kwargs: dict[str, Any], state: Any, *, per_prompt: int, to_all: bool
 ) -> Any:
     """Run this process's share of the prompts and return the gathered result (or None)."""
     processes = int(state.num_processes)
@@ -361,7 +364,7 @@ def share_kwargs(
     return share
 
 
-def _prepare_for(pipe: Any, device: Any) -> None:
+def _prepare_for(pipe: Pipeline, device: torch.device | None) -> None:
     """Prepare ``pipe`` for ``device`` (None: this machine's choice), keeping its options.
 
     A pipeline prepared earlier keeps its plan when the device type matches; otherwise it is
@@ -387,7 +390,7 @@ def _prepare_for(pipe: Any, device: Any) -> None:
         logger.info("%s: moved to %s", type(pipe).__name__, device)
 
 
-def _all_on(pipe: Any, device: Any) -> bool:
+def _all_on(pipe: Pipeline, device: torch.device) -> bool:
     """Return True when every module of ``pipe`` holding parameters is on ``device``."""
     import torch
 
@@ -405,7 +408,7 @@ def _all_on(pipe: Any, device: Any) -> bool:
     return True
 
 
-def _to_cpu(value: Any) -> Any:
+def _to_cpu(value: object) -> Any:
     """Return ``value`` with every torch tensor in it moved to the CPU (for the trip).
 
     A CUDA tensor pickled on one process would be rebuilt on the same GPU index by the

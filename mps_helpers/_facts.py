@@ -14,9 +14,10 @@ import inspect
 import json
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from mps_helpers._markers import original_class
+from mps_helpers._util import MiB
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -25,7 +26,9 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "Pipeline",
     "PipelineFacts",
+    "PipelineT",
     "check_pipeline",
     "denoiser_of",
     "facts_of",
@@ -33,6 +36,27 @@ __all__ = [
     "size_from",
     "upcasts_vae_itself",
 ]
+
+
+class Pipeline(Protocol):
+    """What the library needs of a pipeline's type: a diffusers ``DiffusionPipeline`` has it.
+
+    For type checkers only; at run time :func:`check_pipeline` asks for a real
+    ``DiffusionPipeline``.
+    """
+
+    @property
+    def components(self) -> Mapping[str, Any]:
+        """The pipeline's components by name (``unet``, ``vae``, ``text_encoder``, ...)."""
+        ...
+
+    def to(self, *args: Any, **kwargs: Any) -> Any:
+        """Move (and cast) the pipeline's components, as ``DiffusionPipeline.to`` does."""
+        ...
+
+
+#: A pipeline type kept through a call: ``prepare_pipeline(pipe: P) -> P``.
+PipelineT = TypeVar("PipelineT", bound=Pipeline)
 
 
 @dataclass(frozen=True)
@@ -60,7 +84,7 @@ class PipelineFacts:
     default_width: int | None = None
 
 
-def facts_of(pipe: Any) -> PipelineFacts:
+def facts_of(pipe: Pipeline) -> PipelineFacts:
     """Return the :class:`PipelineFacts` of a diffusers pipeline object (reads, changes nothing).
 
     Raises:
@@ -93,7 +117,7 @@ def facts_of(pipe: Any) -> PipelineFacts:
     )
 
 
-def check_pipeline(pipe: Any) -> None:
+def check_pipeline(pipe: object) -> None:
     """Raise TypeError unless ``pipe`` is a diffusers ``DiffusionPipeline``."""
     from diffusers import DiffusionPipeline
 
@@ -109,7 +133,7 @@ def check_pipeline(pipe: Any) -> None:
 _DENOISER_NAMES = ("unet", "transformer", "prior", "decoder")
 
 
-def denoiser_of(pipe: Any) -> Any:
+def denoiser_of(pipe: Pipeline) -> Any:
     """Return the pipeline's denoiser (its ``unet`` or ``transformer``), or None."""
     components: Mapping[str, Any] = pipe.components
     for name in _DENOISER_NAMES:
@@ -119,7 +143,7 @@ def denoiser_of(pipe: Any) -> Any:
     return None
 
 
-def _default_size(pipe: Any, denoiser: Any, vae: Any) -> tuple[int | None, int | None]:
+def _default_size(pipe: Pipeline, denoiser: object, vae: object) -> tuple[int | None, int | None]:
     sample = getattr(pipe, "default_sample_size", None)
     if sample is None and denoiser is not None:
         sample = getattr(getattr(denoiser, "config", None), "sample_size", None)
@@ -130,7 +154,7 @@ def _default_size(pipe: Any, denoiser: Any, vae: Any) -> tuple[int | None, int |
     return size_from(sample, scale)
 
 
-def size_from(sample: Any, scale: Any) -> tuple[int | None, int | None]:
+def size_from(sample: object, scale: object) -> tuple[int | None, int | None]:
     """Return (height, width) in pixels from a denoiser's ``sample_size`` and the VAE scale."""
     if not isinstance(scale, int) or sample is None:
         return None, None
@@ -153,7 +177,7 @@ def upcasts_vae_itself(pipeline_class: type) -> bool:
         if klass.__module__.startswith("diffusers.pipelines.pipeline_utils") or klass is object:
             continue
         try:
-            source = inspect.getsource(inspect.getmodule(klass))  # type: ignore[arg-type]
+            source = inspect.getsource(inspect.getmodule(klass))  # type: ignore[arg-type]  # None: TypeError below
         except (OSError, TypeError):
             return hasattr(pipeline_class, "upcast_vae")
         if "config.force_upcast" in source:
@@ -248,7 +272,7 @@ def _stored_dtype(folder: Path) -> torch.dtype | None:
     try:
         with files[0].open("rb") as handle:
             size = int.from_bytes(handle.read(8), "little")
-            if not 0 < size < 100 * 2**20:
+            if not 0 < size < 100 * MiB:
                 return None
             header = json.loads(handle.read(size))
     except (OSError, ValueError):

@@ -22,7 +22,10 @@ from mps_helpers._plan import make_plan, resolve_environment, warn_ignored
 from mps_helpers._util import dtype_name
 
 if TYPE_CHECKING:
+    import torch
+
     from mps_helpers._environment import Environment
+    from mps_helpers._util import DeviceChoice, ProcessorChoice, Switch
 
 __all__ = [
     "DTYPE_DICT_SINCE",
@@ -49,17 +52,17 @@ def load_pipeline(
     height: int | None = None,
     width: int | None = None,
     batch_size: int | None = None,
-    device: str = "auto",
-    dtype: Any = "auto",
-    attention_slicing: bool | str = "auto",
-    attention_processor: str = "safe",
-    vae_slicing: bool | str = "auto",
-    vae_tiling: bool | str = "auto",
-    warmup: bool | str = "auto",
-    batch_to_loop: bool | str = "auto",
-    nan_guard: bool | str = "auto",
-    oom_retry: bool | str = "auto",
-    memory_watch: bool | str = "auto",
+    device: DeviceChoice = "auto",
+    dtype: torch.dtype | str = "auto",
+    attention_slicing: Switch = "auto",
+    attention_processor: ProcessorChoice = "safe",
+    vae_slicing: Switch = "auto",
+    vae_tiling: Switch = "auto",
+    warmup: Switch = "auto",
+    batch_to_loop: Switch = "auto",
+    nan_guard: Switch = "auto",
+    oom_retry: Switch = "auto",
+    memory_watch: Switch = "auto",
     **from_pretrained_kwargs: Any,
 ) -> Any:
     """Load a pipeline in the planned dtype with ``from_pretrained``, then prepare it; return it.
@@ -83,7 +86,7 @@ def load_pipeline(
     """
     options = option_values(locals())
     kwargs = dict(from_pretrained_kwargs)
-    options["dtype"] = _dtype_option(options["dtype"], kwargs.pop("torch_dtype", None))
+    options["dtype"] = _dtype_option(dtype, kwargs.pop("torch_dtype", None))
     validated = validate_options(**options)
     machine = resolve_environment(env)
 
@@ -121,13 +124,13 @@ def load_pipeline(
     return pipe
 
 
-def _show_kwarg(value: Any) -> str:
+def _show_kwarg(value: object) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}: {_show_kwarg(v)}" for k, v in value.items()) + "}"
     return dtype_name(value)
 
 
-def _dtype_option(dtype: Any, torch_dtype: Any) -> Any:
+def _dtype_option(dtype: torch.dtype | str, torch_dtype: object) -> object:
     """Merge ``torch_dtype=`` (a from_pretrained name) into the plan's ``dtype`` option."""
     if torch_dtype is None:
         return dtype

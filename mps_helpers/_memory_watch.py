@@ -8,7 +8,7 @@ still off (``docs/explanation/guards.md``).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from mps_helpers import _probes
 from mps_helpers._errors import MemoryPressureWarning
@@ -16,6 +16,7 @@ from mps_helpers._plan import MEMORY_SAVERS, can_slice_attention
 from mps_helpers._util import MiB, format_bytes, warn_once
 
 if TYPE_CHECKING:
+    from mps_helpers._facts import Pipeline
     from mps_helpers._plan import Plan
 
 __all__ = ["SWAP_GROWTH_LIMIT", "check_swap", "read_memory"]
@@ -35,7 +36,7 @@ def read_memory() -> _probes.MemoryInfo:
 
 
 def check_swap(
-    pipe: Any, plan: Plan, before: _probes.MemoryInfo, after: _probes.MemoryInfo
+    pipe: Pipeline, plan: Plan, before: _probes.MemoryInfo, after: _probes.MemoryInfo
 ) -> None:
     """Warn (once per pipeline) when swap grew by more than :data:`SWAP_GROWTH_LIMIT`."""
     if before.swap_used is None or after.swap_used is None:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     import torch
 
+    from mps_helpers._facts import Pipeline
     from mps_helpers._plan import Plan
 
 __all__ = ["call_with_nan_guard", "has_non_finite"]
@@ -81,7 +82,7 @@ def _tensor_has_non_finite(tensor: torch.Tensor) -> bool:
 
 
 def call_with_nan_guard(
-    pipe: Any, plan: Plan, call: Callable[..., Any], kwargs: dict[str, Any]
+    pipe: Pipeline, plan: Plan, call: Callable[..., Any], kwargs: dict[str, Any]
 ) -> Any:
     """Return ``call(**kwargs)``, with NaN/inf images repaired by a float32 VAE decode.
 
@@ -253,7 +254,7 @@ class _DecodeGuard:
             )
 
 
-def _is_float32(dtype: Any) -> bool:
+def _is_float32(dtype: torch.dtype | None) -> bool:
     import torch
 
     return dtype in (None, torch.float32, torch.float64)
@@ -300,7 +301,7 @@ def _with_sample(out: Any, sample: Any) -> Any:
 
 
 @contextmanager
-def _float32(module: Any) -> Iterator[None]:
+def _float32(module: torch.nn.Module) -> Iterator[None]:
     """Run the block with ``module`` in float32, then restore each tensor's dtype.
 
     Casting float16/bfloat16 to float32 and back is exact, so the weights come back
@@ -334,6 +335,6 @@ def _float32(module: Any) -> Iterator[None]:
                     setattr(owner, leaf, getattr(owner, leaf).to(dtype))
 
 
-def _count_floating(module: Any) -> int:
+def _count_floating(module: torch.nn.Module) -> int:
     tensors = [*module.parameters(), *module.buffers()]
     return sum(1 for tensor in tensors if tensor.is_floating_point())

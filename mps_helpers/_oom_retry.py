@@ -25,6 +25,7 @@ from mps_helpers._util import empty_device_cache, warn_at_caller
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from mps_helpers._facts import Pipeline
     from mps_helpers._plan import Plan
 
 __all__ = [
@@ -85,7 +86,7 @@ def free_device_memory() -> None:
 
 
 def run_with_retry(
-    pipe: Any,
+    pipe: Pipeline,
     plan: Plan,
     run_all: Callable[[dict[str, Any], Plan], Any],
     kwargs: dict[str, Any],
@@ -195,7 +196,7 @@ def _oom_message(
     return f"{name} ran out of memory on {device}{size}: {first_line}\n{tried}\n{advice}"
 
 
-def _generator_states(generator: Any) -> list[tuple[Any, Any]]:
+def _generator_states(generator: object) -> list[tuple[Any, Any]]:
     """Return (generator, state) pairs for a torch.Generator or a list of them."""
     torch = sys.modules.get("torch")
     if torch is None or generator is None:

@@ -224,8 +224,9 @@ def validate_options(**given: object) -> Options:
             f"{', '.join(OPTION_NAMES)}"
         )
     values = {**DEFAULTS, **given}
-    for name in ("height", "width", "batch_size"):
-        _check_size(_BY_NAME[name], values[name])
+    height, width, batch_size = (
+        _check_size(_BY_NAME[name], values[name]) for name in ("height", "width", "batch_size")
+    )
     device = _check_choice(_BY_NAME["device"], values["device"])
     processor = _check_choice(_BY_NAME["attention_processor"], values["attention_processor"])
     switches: dict[str, bool | None] = {}
@@ -238,9 +239,9 @@ def validate_options(**given: object) -> Options:
         else:
             raise ValueError(f"{name} must be one of {_BY_NAME[name].valid}; got {value!r}")
     return Options(
-        height=values["height"],  # type: ignore[arg-type]  # checked by _check_size
-        width=values["width"],  # type: ignore[arg-type]
-        batch_size=values["batch_size"],  # type: ignore[arg-type]
+        height=height,
+        width=width,
+        batch_size=batch_size,
         device=device,
         dtype=_resolve_dtype(values["dtype"]),
         attention_processor=processor,
@@ -255,9 +256,9 @@ def _check_choice(option: Option, value: object) -> str:
     return value
 
 
-def _check_size(option: Option, value: object) -> None:
+def _check_size(option: Option, value: object) -> int | None:
     if value is None:
-        return
+        return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{option.name} must be None or a positive integer, got {value!r}")
     if option.kind == "size" and value % SIZE_MULTIPLE:
@@ -267,6 +268,7 @@ def _check_size(option: Option, value: object) -> None:
             f"{option.name} must be divisible by {SIZE_MULTIPLE} (diffusers' pipelines reject "
             f"other sizes), got {value!r}: use {nearest}"
         )
+    return value
 
 
 def _resolve_dtype(value: object) -> torch.dtype | None:

@@ -10,6 +10,8 @@ from the rule's template, the thresholds and the evidence in :mod:`mps_helpers._
 (listed on the docs page ``docs/explanation/decisions.md``), so ``str(plan)`` explains
 itself and ``plan.rules`` names the rule behind each decision. Rules never warn: one that
 ignores an explicit option says so in ``plan.ignored``, and the public entry points warn.
+Pipeline facts are :mod:`mps_helpers._facts`'; the policy of the out-of-memory retry
+(:func:`stricter_plan`) is at the end of this module.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ if TYPE_CHECKING:
     import torch
 
     from mps_helpers._environment import Environment
+    from mps_helpers._facts import Pipeline
+    from mps_helpers._util import DeviceChoice, ProcessorChoice, Switch
 
 #: What a rule returns: its value, its rule id and the fields its reason template needs.
 Decided = tuple[Any, str, dict[str, object]]
@@ -281,23 +285,23 @@ def warn_ignored(plan: Plan) -> None:
 
 
 def plan_for(
-    pipe: Any = None,
+    pipe: Pipeline | None = None,
     *,
     env: Environment | None = None,
     height: int | None = None,
     width: int | None = None,
     batch_size: int | None = None,
-    device: str = "auto",
-    dtype: Any = "auto",
-    attention_slicing: bool | str = "auto",
-    attention_processor: str = "safe",
-    vae_slicing: bool | str = "auto",
-    vae_tiling: bool | str = "auto",
-    warmup: bool | str = "auto",
-    batch_to_loop: bool | str = "auto",
-    nan_guard: bool | str = "auto",
-    oom_retry: bool | str = "auto",
-    memory_watch: bool | str = "auto",
+    device: DeviceChoice = "auto",
+    dtype: torch.dtype | str = "auto",
+    attention_slicing: Switch = "auto",
+    attention_processor: ProcessorChoice = "safe",
+    vae_slicing: Switch = "auto",
+    vae_tiling: Switch = "auto",
+    warmup: Switch = "auto",
+    batch_to_loop: Switch = "auto",
+    nan_guard: Switch = "auto",
+    oom_retry: Switch = "auto",
+    memory_watch: Switch = "auto",
 ) -> Plan:
     """Return the :class:`Plan` for running ``pipe`` on a machine; pure, changes nothing.
 

@@ -48,6 +48,15 @@ Device = Literal["mps", "cuda", "cpu"]
 DEVICES: tuple[Device, ...] = ("mps", "cuda", "cpu")
 """The devices a plan can choose, in the order ``device="auto"`` prefers them."""
 
+DeviceChoice = Literal["auto", "mps", "cuda", "cpu"]
+"""The ``device`` option: a device, or "auto" to let the plan choose (validated at run time too)."""
+
+ProcessorChoice = Literal["safe", "diffusers"]
+"""The ``attention_processor`` option."""
+
+Switch = bool | Literal["auto"]
+"""An on/off option: True, False, or "auto" to let the plan decide."""
+
 # Frames of this package are skipped so that warnings point at the user's line.
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
@@ -117,7 +126,7 @@ def release(version: Version | str | None) -> tuple[int, ...]:
     return () if version is None else version.release
 
 
-def module_dtype(module: Any) -> torch.dtype | None:
+def module_dtype(module: torch.nn.Module) -> torch.dtype | None:
     """Return the dtype of the module's first floating parameter (None when it has none)."""
     for param in module.parameters():
         if param.is_floating_point():

@@ -1,8 +1,8 @@
 """The one-time warmup pass: one throw-away 1-step call before a pipeline's first real call.
 
 On torch 1.13 with mps the first inference pass gives slightly different results from later
-ones (diffusers' "optimization/mps" page; see EVIDENCE.md), so a prepared pipeline whose plan
-says ``warmup`` runs a 1-step pass at the first call's size and discards it.
+ones (diffusers' "optimization/mps" page; docs/explanation/batch-and-warmup.md), so a prepared
+pipeline whose plan says ``warmup`` runs a 1-step pass at the first call's size and discards it.
 
 The warmup is done once per pipeline object, device and dtype: re-preparing a pipeline for
 the same device and dtype does not warm it up again; moving it to another device or dtype
@@ -29,6 +29,9 @@ from mps_helpers._markers import attached_plan, original_class
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping
+
+    from mps_helpers._facts import Pipeline
+    from mps_helpers._plan import Plan
 
 __all__ = ["ensure_warm", "progress_config", "warmup"]
 
@@ -61,7 +64,7 @@ def _key(device: object, dtype: object) -> tuple[str, str]:
     return (str(getattr(device, "type", device)), str(dtype))
 
 
-def _lock_for(pipe: Any) -> threading.Lock:
+def _lock_for(pipe: Pipeline) -> threading.Lock:
     with _registry:
         lock = _locks.get(pipe)
         if lock is None:
@@ -69,11 +72,11 @@ def _lock_for(pipe: Any) -> threading.Lock:
         return lock
 
 
-def _is_warm(pipe: Any, key: tuple[str, str]) -> bool:
+def _is_warm(pipe: Pipeline, key: tuple[str, str]) -> bool:
     return key in _warmed.get(pipe, frozenset())
 
 
-def _mark_warm(pipe: Any, key: tuple[str, str]) -> None:
+def _mark_warm(pipe: Pipeline, key: tuple[str, str]) -> None:
     with _registry:
         _warmed[pipe] = _warmed.get(pipe, frozenset()) | {key}
 
@@ -106,7 +109,7 @@ def _global_rng_kept() -> Iterator[None]:
 
     cpu = torch.get_rng_state()
     cuda = None
-    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]  # torch leaves it unannotated
         cuda = torch.cuda.get_rng_state_all()
     mps_module = getattr(torch, "mps", None)
     mps = None
@@ -163,7 +166,7 @@ def _generator_device(kwargs: Mapping[str, Any]) -> str:
     return str(getattr(device, "type", "cpu"))
 
 
-def _run(pipe: Any, call: Callable[..., Any], kwargs: Mapping[str, Any]) -> None:
+def _run(pipe: Pipeline, call: Callable[..., Any], kwargs: Mapping[str, Any]) -> None:
     """Run one warmup pass of ``call`` for a call with ``kwargs`` and discard its result."""
     import torch
 
@@ -187,7 +190,9 @@ def _run(pipe: Any, call: Callable[..., Any], kwargs: Mapping[str, Any]) -> None
         ) from exc
 
 
-def ensure_warm(pipe: Any, plan: Any, call: Callable[..., Any], kwargs: Mapping[str, Any]) -> None:
+def ensure_warm(
+    pipe: Pipeline, plan: Plan, call: Callable[..., Any], kwargs: Mapping[str, Any]
+) -> None:
     """Warm ``pipe`` up with ``call`` unless it already was for ``plan``'s device and dtype.
 
     Called by the prepared call before its first real call. Threads that make the first
@@ -206,12 +211,12 @@ def ensure_warm(pipe: Any, plan: Any, call: Callable[..., Any], kwargs: Mapping[
             _mark_warm(pipe, key)
 
 
-def _unprepared_call(pipe: Any) -> Callable[..., Any]:
+def _unprepared_call(pipe: Pipeline) -> Callable[..., Any]:
     """Return the pipeline's own ``__call__`` bound to it, bypassing the prepared call."""
     return functools.partial(original_class(pipe).__call__, pipe)
 
 
-def warmup(pipe: Any, **call_kwargs: Any) -> None:
+def warmup(pipe: Pipeline, **call_kwargs: Any) -> None:
     """Run the one-time warmup pass on ``pipe`` now, for a call with ``call_kwargs``.
 
     Runs one throw-away pass of the pipeline with ``num_inference_steps=1``, at the size

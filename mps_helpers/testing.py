@@ -45,6 +45,7 @@ if importlib.util.find_spec("transformers") is None:
 if TYPE_CHECKING:
     import os
 
+
 __all__ = ["KINDS", "save_tiny_pipeline", "sd15_pipeline", "tiny_pipeline"]
 
 KINDS: tuple[str, ...] = ("sd", "sd-img2img", "sd-inpaint", "sdxl", "sd3")
@@ -499,13 +500,13 @@ def sd15_pipeline(*, seed: int = 0, vocab_size: int | None = None) -> Any:
 
     For measuring time and memory at full size with no download (the benchmarks use it);
     :func:`tiny_pipeline` is the one for tests. The UNet (859.5M parameters), VAE (83.7M) and
-    CLIP ViT-L/14 text encoder have SD 1.5's shapes. The tokenizer is this module's byte-level one (514
-    tokens, one per byte, so a prompt uses more of the 77 positions than with CLIP's real
-    BPE), and by default the text encoder's vocabulary is cut to match it: 85.5M parameters
+    CLIP ViT-L/14 text encoder have SD 1.5's shapes. The tokenizer is this module's byte-level
+    one (514 tokens, one per byte, so a prompt uses more of the 77 positions than with CLIP's
+    real BPE), and by default the text encoder's vocabulary is cut to match it: 85.5M parameters
     instead of 123.1M. Pass ``vocab_size=49408`` for the real embedding table and parameter
-    count; token ids stay below 514 either way. DDIM scheduler, no safety checker, float32
-    on the CPU, eval mode: about 4.3 GB of memory and some seconds to initialise (18 s on
-    a loaded 2-core machine). Same seed, same weights; the caller's random state is kept.
+    count; token ids stay below 514 either way. DDIM scheduler, no safety checker, float32 on
+    the CPU, eval mode: about 4.3 GB of memory and some seconds to initialise (18 s on a loaded
+    2-core machine). Same seed, same weights; the caller's random state is kept.
 
     Example::
 

@@ -139,7 +139,7 @@ def test_unknown_option_is_a_type_error_at_decoration() -> None:
 
 def test_function_and_options_together_are_refused() -> None:
     with pytest.raises(TypeError, match="either a function or keyword options"):
-        auto_prepare(print, device="cpu")  # type: ignore[call-overload]
+        auto_prepare(print, device="cpu")  # type: ignore[call-overload]  # refused on purpose
 
 
 def test_bad_value_raises_on_entering_and_patches_nothing() -> None:

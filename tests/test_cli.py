@@ -68,7 +68,7 @@ def test_doctor_exit_status_follows_errors(
 ) -> None:
     from mps_helpers import check_environment
 
-    fake_machine(name)  # type: ignore[operator]
+    fake_machine(name)  # type: ignore[operator]  # the fixture is a function
     status = _cli.main(["doctor"])
     out = capsys.readouterr().out
     findings = check_environment(MACHINES[name])
@@ -81,7 +81,7 @@ def test_doctor_exit_status_follows_errors(
 
 
 def test_doctor_json_for_rosetta(fake_machine: object, capsys: pytest.CaptureFixture[str]) -> None:
-    fake_machine("rosetta-m1")  # type: ignore[operator]
+    fake_machine("rosetta-m1")  # type: ignore[operator]  # as above
     assert _cli.main(["doctor", "--json"]) == 1
     data = json.loads(capsys.readouterr().out)
     assert data["environment"]["is_rosetta"] is True

@@ -34,7 +34,7 @@ def test_demo_generates_and_reports(tmp_path: Path, capsys: pytest.CaptureFixtur
     output.parent.mkdir()
     assert _cli.main(["demo", "--output", str(output), "--steps", "2", "--prompt", "a fox"]) == 0
     out = capsys.readouterr().out
-    assert pixels(output).shape == (64, 64, 3)  # type: ignore[attr-defined]
+    assert pixels(output).shape == (64, 64, 3)  # type: ignore[attr-defined]  # an array
     # The environment summary, then the plan with a reason for every decision ...
     assert out.index("torch:") < out.index("Plan: ") < out.index("Generating")
     for name in DECISIONS:
@@ -68,7 +68,7 @@ def test_same_seed_same_image_and_options_reach_the_plan(
     decided = dict(line.split()[:2] for line in out.splitlines() if line.startswith("  "))
     assert decided["attention_slicing"] == "True"
     assert _cli.main(["demo", "-o", str(second), *common]) == 0
-    assert (pixels(first) == pixels(second)).all()  # type: ignore[attr-defined]
+    assert (pixels(first) == pixels(second)).all()  # type: ignore[attr-defined]  # arrays
 
 
 @pytest.mark.parametrize(

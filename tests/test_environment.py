@@ -44,7 +44,7 @@ def test_detection_is_cached_and_refreshable(monkeypatch: pytest.MonkeyPatch) ->
 def test_snapshot_is_frozen() -> None:
     env = detect_environment()
     with pytest.raises(dataclasses.FrozenInstanceError):
-        env.system = "Darwin"  # type: ignore[misc]
+        env.system = "Darwin"  # type: ignore[misc]  # frozen on purpose
 
 
 def test_mac_probes_not_run_off_macos(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -145,7 +145,7 @@ def _output_class() -> Any:
     from diffusers.utils import BaseOutput
 
     @dataclasses.dataclass
-    class Output(BaseOutput):  # type: ignore[misc]
+    class Output(BaseOutput):  # type: ignore[misc]  # diffusers is untyped here
         images: Any
         nsfw_content_detected: Any
 
@@ -596,6 +596,17 @@ def test_an_other_error_in_the_retry_passes_through(applied: Applied) -> None:
     with pytest.raises(TypeError) as info:
         _call.call_with_recovery(FakePipeline(), FakePlan(), run_all, {}, reapply=applied)
     assert info.value is error
+
+
+def test_without_a_reapply_there_is_no_retry(applied: Applied) -> None:
+    # The prepared class always hands apply_plan down; a caller without one gets no retry
+    # (it could not apply the stricter plan), and the error is torch's own.
+    error = RuntimeError(MPS_OOM)
+    run_all = Attempts(error)
+    with pytest.raises(RuntimeError) as info:
+        _call.call_with_recovery(FakePipeline(), FakePlan(), run_all, {}, reapply=None)
+    assert info.value is error
+    assert len(run_all.plans) == 1
 
 
 def test_oom_retry_off_lets_the_original_error_through(applied: Applied) -> None:

@@ -234,3 +234,49 @@ def f():
 )
 def test_the_circle_finder(edges: dict[str, set[str]], expected: list[list[str]]) -> None:
     assert _cycles(edges) == expected
+
+
+def test_every_module_says_what_it_holds_and_exports() -> None:
+    # A docstring (what the module holds) and an __all__ (what it exports), for every module.
+    missing = []
+    for name, path in _modules().items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        names = {
+            target.id
+            for node in tree.body
+            if isinstance(node, (ast.Assign, ast.AnnAssign))
+            for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+            if isinstance(target, ast.Name)
+        }
+        if ast.get_docstring(tree) is None:
+            missing.append(f"{name}: docstring")
+        if "__all__" not in names:
+            missing.append(f"{name}: __all__")
+    assert missing == []
+
+
+def test_every_all_name_exists() -> None:
+    import importlib
+
+    for name in sorted(set(_modules()) - {"__main__"}):
+        module = importlib.import_module(
+            "mps_helpers" if name == "__init__" else f"mps_helpers.{name}"
+        )
+        absent = [item for item in module.__all__ if not hasattr(module, item)]
+        assert absent == [], f"{name}.__all__ names what it lacks: {absent}"
+
+
+def test_only_markers_spells_the_marker_attributes() -> None:
+    # Every other module reads and writes the prepared-pipeline marks through _markers.
+    spelled = []
+    for name, path in _modules().items():
+        if name == "_markers":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (
+                isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and node.value.startswith("_mps_helpers_")
+            ):
+                spelled.append(f"{name}:{node.lineno} {node.value!r}")
+    assert spelled == []

@@ -459,12 +459,12 @@ def test_env_none_means_this_machine() -> None:
 
 def test_env_must_be_an_environment() -> None:
     with pytest.raises(TypeError, match="Environment"):
-        plan_for(env={"system": "Darwin"})  # type: ignore[arg-type]
+        plan_for(env={"system": "Darwin"})  # type: ignore[arg-type]  # wrong on purpose
 
 
 def test_options_are_keyword_only() -> None:
     with pytest.raises(TypeError):
-        plan_for(None, MACHINES["linux-cpu"])  # type: ignore[misc]
+        plan_for(None, MACHINES["linux-cpu"])  # type: ignore[misc]  # positional on purpose
 
 
 # ---------------------------------------------------------------------------------------
@@ -474,11 +474,11 @@ def test_options_are_keyword_only() -> None:
 def test_plan_is_frozen_and_its_mappings_read_only() -> None:
     result = plan("m1-8gb-macos12.6-torch1.13")
     with pytest.raises(dataclasses.FrozenInstanceError):
-        result.device = "cpu"  # type: ignore[misc]
+        result.device = "cpu"  # type: ignore[misc]  # frozen on purpose
     with pytest.raises(TypeError):
-        result.reasons["device"] = "x"  # type: ignore[index]
+        result.reasons["device"] = "x"  # type: ignore[index]  # read-only on purpose
     with pytest.raises(TypeError):
-        result.options["device"] = "x"  # type: ignore[index]
+        result.options["device"] = "x"  # type: ignore[index]  # read-only on purpose
     assert hash(result) == hash(plan("m1-8gb-macos12.6-torch1.13"))
 
 

@@ -97,7 +97,7 @@ def test_kinds_cover_the_issue() -> None:
     assert isinstance(KINDS, tuple)
     assert {"sd", "sd-img2img", "sdxl", "sd3"} <= set(KINDS)
     assert set(KINDS) == set(EXPECTED_CLASSES)
-    assert testing.__all__ == ["KINDS", "save_tiny_pipeline", "tiny_pipeline"]
+    assert testing.__all__ == ["KINDS", "save_tiny_pipeline", "sd15_pipeline", "tiny_pipeline"]
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -162,7 +162,7 @@ def _set_up_auto(pipe: Any) -> dict[str, Any]:
     from mps_helpers import plan_of, prepare_pipeline
 
     prepare_pipeline(pipe)
-    return plan_of(pipe).to_dict()  # type: ignore[no-any-return]
+    return plan_of(pipe).to_dict()  # type: ignore[no-any-return]  # prepared just above
 
 
 def make_call(pipe: Any, cell: Cell) -> Callable[[int], list[Any]]:
