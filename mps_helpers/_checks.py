@@ -91,6 +91,10 @@ def check_environment(env: Environment | None = None) -> tuple[Finding, ...]:
     else:
         findings += _other_machine_findings(env)
     findings += _memory_findings(env)
+    # Known mps problems of this torch / macOS / chip (mps_helpers._known_problems).
+    from mps_helpers._known_problems import problem_findings
+
+    findings += problem_findings(env)
     order = {level: i for i, level in enumerate(reversed(LEVELS))}
     return tuple(sorted(findings, key=lambda f: order[f.level]))
 
