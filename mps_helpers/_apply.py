@@ -31,6 +31,7 @@ from mps_helpers._plan import (
     facts_of,
     make_plan,
     resolve_environment,
+    resolve_probes,
     size_from,
     unprepared_class,
     upcasts_vae_itself,
@@ -128,7 +129,8 @@ def prepare_pipeline(
         oom_retry=oom_retry,
         memory_watch=memory_watch,
     )
-    plan = make_plan(facts_of(pipe), resolve_environment(env), options)
+    machine = resolve_environment(env)
+    plan = make_plan(facts_of(pipe), machine, options, probes=resolve_probes("cached", machine))
     if plan == plan_of(pipe) and _state_matches(pipe, plan):
         logger.info("%s is already prepared with this plan: nothing to change", _name(pipe))
         return pipe
@@ -635,7 +637,7 @@ def load_pipeline(
 
     local = Path(os.fspath(model_or_path))
     facts = facts_of_directory(local) if local.is_dir() else PipelineFacts()
-    plan = make_plan(facts, machine, validated)
+    plan = make_plan(facts, machine, validated, probes=resolve_probes("cached", machine))
 
     import torch
 

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 from packaging.version import Version
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import torch
 
     from mps_helpers._environment import Environment
@@ -552,6 +554,7 @@ def plan_for(
     nan_guard: bool | str = "auto",
     oom_retry: bool | str = "auto",
     memory_watch: bool | str = "auto",
+    probes: Any = "cached",
 ) -> Plan:
     """Return the :class:`Plan` for running ``pipe`` on a machine; pure, changes nothing.
 
@@ -569,6 +572,11 @@ def plan_for(
         attention_processor: "safe" (mps_helpers' chunked SDPA, default) or "diffusers".
         attention_slicing: "auto", True or False; so are ``vae_slicing``, ``vae_tiling``,
             ``warmup``, ``batch_to_loop``, ``nan_guard``, ``oom_retry`` and ``memory_watch``.
+        probes: the device self-test results the plan follows (a failed probe turns on the
+            workaround that covers it, see ``docs/explanation/known-problems.md``):
+            "cached" (the default) reads those :func:`mps_helpers.probe_device` saved for
+            this machine's torch, macOS and chip; None ignores them; or a
+            :class:`~mps_helpers.ProbeReport` (or several, one per device).
 
     Raises:
         TypeError: ``pipe`` is not a diffusers pipeline, or ``env`` not an Environment.
@@ -593,7 +601,27 @@ def plan_for(
         memory_watch=memory_watch,
     )
     facts = PipelineFacts() if pipe is None else facts_of(pipe)
-    return make_plan(facts, resolve_environment(env), options)
+    machine = resolve_environment(env)
+    return make_plan(facts, machine, options, probes=resolve_probes(probes, machine))
+
+
+def resolve_probes(probes: Any, env: Environment) -> tuple[Any, ...]:
+    """Return the probe reports a plan follows: ``probes`` given, or the cached ones for
+    ``env`` when "cached"; TypeError for anything else."""
+    from mps_helpers._selftest import ProbeReport, cached_reports
+
+    if probes is None:
+        return ()
+    if isinstance(probes, str) and probes == "cached":
+        return cached_reports(env)
+    if isinstance(probes, ProbeReport):
+        return (probes,)
+    if isinstance(probes, (tuple, list)) and all(isinstance(p, ProbeReport) for p in probes):
+        return tuple(probes)
+    raise TypeError(
+        "probes must be 'cached', None, a ProbeReport or a sequence of them, got "
+        f"{type(probes).__name__}"
+    )
 
 
 def resolve_environment(env: Environment | None) -> Environment:
@@ -607,8 +635,19 @@ def resolve_environment(env: Environment | None) -> Environment:
     return env
 
 
-def make_plan(facts: PipelineFacts, env: Environment, options: _Options) -> Plan:
-    """Return the plan for validated ``options`` (the rules; :func:`plan_for` wraps this)."""
+def make_plan(
+    facts: PipelineFacts,
+    env: Environment,
+    options: _Options,
+    probes: Sequence[Any] = (),
+    *,
+    follow: bool = True,
+) -> Plan:
+    """Return the plan for validated ``options`` (the rules; :func:`plan_for` wraps this).
+
+    ``probes`` are the self-test reports to follow; ``follow=False`` leaves out the rules of
+    the known problems and probes (``mps_helpers._problem_rules``, which re-plans with it).
+    """
     reasons: dict[str, str] = {}
     switches = options.switches
 
@@ -673,6 +712,12 @@ def make_plan(facts: PipelineFacts, env: Environment, options: _Options) -> Plan
         reasons=reasons,
         attention_slicing_supported=facts.supports_attention_slicing is not False,
     )
+    if not follow:
+        return plan
+    # Known mps problems and failed self-tests adjust the plan (mps_helpers._problem_rules).
+    from mps_helpers._problem_rules import follow_known_problems
+
+    plan = follow_known_problems(plan, facts, env, options, probes)
     for name in DECISIONS:
         logger.info("plan: %s = %s: %s", name, _show(getattr(plan, name)), plan.reasons[name])
     return plan
