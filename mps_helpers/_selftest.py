@@ -56,7 +56,7 @@ CACHE_FORMAT: Final = 1
 #: The devices a probe can run on.
 PROBE_DEVICES: tuple[str, ...] = ("mps", "cuda", "cpu")
 
-#: Largest relative error (max |got - reference| / max |reference|) that passes, per dtype.
+#: Largest relative error (``max|got - reference| / max|reference|``) that passes, per dtype.
 #: Half-precision rounding gives ~1e-3 on these sizes; the bugs the probes look for give
 #: errors of order 1, inf or NaN.
 TOLERANCE: Final[Mapping[str, float]] = {"float16": 2e-2, "bfloat16": 5e-2, "float32": 1e-3}
@@ -177,7 +177,7 @@ class ProbeResult:
     name: str
     #: "pass", "wrong" (numbers off by more than ``tolerance``, or not finite) or "error".
     status: Status
-    #: max |got - reference| / max |reference| (inf when the result holds NaN or inf); None
+    #: ``max|got - reference| / max|reference|`` (inf when the result holds NaN or inf); None
     #: when the probe raised.
     error: float | None
     #: The largest ``error`` that passes.
@@ -497,7 +497,7 @@ _RUNNERS: Final[Mapping[str, Callable[[str, Any, Any], _Outcome]]] = {
 
 
 def relative_error(got: torch.Tensor, reference: torch.Tensor) -> float:
-    """Return max |got - reference| / max |reference| (inf when ``got`` is not all finite)."""
+    """Return ``max|got - reference| / max|reference|`` (inf when ``got`` is not all finite)."""
     import torch
 
     got64 = got.detach().to("cpu", torch.float64)
