@@ -57,9 +57,10 @@ CACHE_FORMAT: Final = 1
 PROBE_DEVICES: tuple[str, ...] = ("mps", "cuda", "cpu")
 
 #: Largest relative error (``max|got - reference| / max|reference|``) that passes, per dtype.
-#: Half-precision rounding gives ~1e-3 on these sizes; the bugs the probes look for give
-#: errors of order 1, inf or NaN.
-TOLERANCE: Final[Mapping[str, float]] = {"float16": 2e-2, "bfloat16": 5e-2, "float32": 1e-3}
+#: Half-precision rounding gives ~1e-3 on these sizes (bfloat16 ~3e-3), float32 ~1e-6 but
+#: 3e-4 where convolutions run in TF32 (CUDA's default; H200, torch 2.11); the bugs the
+#: probes look for give errors of order 1, inf or NaN.
+TOLERANCE: Final[Mapping[str, float]] = {"float16": 2e-2, "bfloat16": 5e-2, "float32": 5e-3}
 
 
 @dataclass(frozen=True)
