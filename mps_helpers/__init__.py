@@ -29,8 +29,10 @@ if TYPE_CHECKING:
         OutOfMemoryRetryWarning,
         WarmupError,
     )
+    from mps_helpers._known_problems import KnownProblem, known_problems
     from mps_helpers._load import load_pipeline
     from mps_helpers._plan import Plan, plan_for
+    from mps_helpers._selftest import ProbeReport, ProbeResult, probe_device
     from mps_helpers._warmup import warmup
 
 # public name -> module that defines it
@@ -59,6 +61,11 @@ _EXPORTS: dict[str, str] = {
     "NonFiniteOutputWarning": "mps_helpers._errors",
     "OutOfMemoryRetryWarning": "mps_helpers._errors",
     "WarmupError": "mps_helpers._errors",
+    "KnownProblem": "mps_helpers._known_problems",
+    "known_problems": "mps_helpers._known_problems",
+    "ProbeReport": "mps_helpers._selftest",
+    "ProbeResult": "mps_helpers._selftest",
+    "probe_device": "mps_helpers._selftest",
 }
 
 __all__ = [
@@ -70,11 +77,14 @@ __all__ = [
     "DistributedGenerationError",
     "Environment",
     "Finding",
+    "KnownProblem",
     "MemoryPressureWarning",
     "NonFiniteOutputError",
     "NonFiniteOutputWarning",
     "OutOfMemoryRetryWarning",
     "Plan",
+    "ProbeReport",
+    "ProbeResult",
     "SafeSlicedAttnProcessor",
     "WarmupError",
     "__version__",
@@ -82,10 +92,12 @@ __all__ = [
     "check_environment",
     "detect_environment",
     "generate",
+    "known_problems",
     "load_pipeline",
     "plan_for",
     "plan_of",
     "prepare_pipeline",
+    "probe_device",
     "warmup",
 ]
 

@@ -23,7 +23,7 @@ from mps_helpers import _markers
 from mps_helpers._facts import check_pipeline, denoiser_of, facts_of
 from mps_helpers._markers import is_prepared_class, original_class
 from mps_helpers._options import Options, option_values, validate_options
-from mps_helpers._plan import make_plan, resolve_environment, warn_ignored
+from mps_helpers._plan import make_plan, resolve_environment, resolve_probes, warn_ignored
 from mps_helpers._util import module_dtype
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ def prepare_pipeline(
 
 def prepare_quietly(pipe: Any, env: Environment, options: Options) -> Plan:
     """Plan and apply without warning (:func:`load_pipeline` warns once itself); return the plan."""
-    plan = make_plan(facts_of(pipe), env, options)
+    plan = make_plan(facts_of(pipe), env, options, probes=resolve_probes("cached", env))
     if plan == plan_of(pipe) and _state_matches(pipe, plan):
         logger.info("%s is already prepared with this plan: nothing to change", _name(pipe))
         return plan

@@ -45,6 +45,13 @@ DEFAULT_CHUNK_ELEMENTS = 2**26
 MAX_CHUNK_ELEMENTS = 2**29
 
 
+#: Devices on which each block goes to SDPA as contiguous copies: mps's SDPA kernels have
+#: misread permuted / non-contiguous q/k/v (pytorch #163597, #181133; the known problems
+#: sdpa-noncontiguous-query and sdpa-permuted-batch). The copies are of q/k/v blocks, small
+#: beside the score blocks. Elsewhere the strided views go as they are (no copy).
+CONTIGUOUS_DEVICES: frozenset[str] = frozenset({"mps"})
+
+
 #: Query rows a chunk keeps when the bound allows (1024, or the whole sequence if shorter).
 #: Fewer rows per SDPA call make kernels work in smaller tiles: on CPU, torch's flash kernel
 #: tiles queries by 256 only from 768 rows up (by 64 or 32 below), and chunks of a few hundred
@@ -139,6 +146,8 @@ def _attend(
     import torch
     import torch.nn.functional as F  # noqa: N812 (torch's own spelling)
 
+    if query.device.type in CONTIGUOUS_DEVICES:
+        query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
     if _sdpa_accepts_scale():
         return F.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False, scale=scale

@@ -2,7 +2,8 @@
 
 Every rule cites its source: the diffusers mps guide's requirements, and the minimum macOS
 each torch release needs for mps (it rose from 12.3 to 14.0). ``docs/howto/read-doctor.md``
-explains each finding.
+explains each finding; the known mps problems that apply (``mps_helpers._known_problems``)
+and a probe report's failed self-tests become findings here too.
 """
 
 from __future__ import annotations
@@ -17,8 +18,17 @@ from mps_helpers._util import MiB, format_bytes, release
 
 if TYPE_CHECKING:
     from mps_helpers._environment import Environment
+    from mps_helpers._selftest import ProbeReport
 
-__all__ = ["LEVELS", "Finding", "check_environment", "cuda_findings", "macos_required_by_torch"]
+__all__ = [
+    "LEVELS",
+    "Finding",
+    "check_environment",
+    "cuda_findings",
+    "macos_required_by_torch",
+    "probe_findings",
+    "problem_findings",
+]
 
 Level = Literal["ok", "info", "warning", "error"]
 
@@ -89,6 +99,8 @@ def check_environment(env: Environment | None = None) -> tuple[Finding, ...]:
     else:
         findings += _other_machine_findings(env)
     findings += _memory_findings(env)
+    # Known mps problems of this torch / macOS / chip (mps_helpers._known_problems).
+    findings += problem_findings(env)
     order = {level: i for i, level in enumerate(reversed(LEVELS))}
     return tuple(sorted(findings, key=lambda f: order[f.level]))
 
@@ -302,3 +314,60 @@ def cuda_findings(env: Environment) -> tuple[Finding, ...]:
             "device='auto' to use what this machine has.",
         ),
     )
+
+
+# ---------------------------------------------------------------------------------------
+# Known problems and failed self-tests (mps_helpers._known_problems, mps_helpers._selftest)
+
+
+def problem_findings(env: Environment) -> list[Finding]:
+    """Return one readiness finding per known problem that applies, with its fix."""
+    from mps_helpers._known_problems import known_problems
+
+    out = []
+    for problem in known_problems(env):
+        out.append(
+            Finding(
+                problem.level,
+                f"known-{problem.id}",
+                f"Known mps problem: {problem.title} ({problem.where()}; "
+                f"{', '.join(problem.sources)}). {problem.library}",
+                problem.fix,
+            )
+        )
+    return out
+
+
+def probe_findings(report: ProbeReport) -> list[Finding]:
+    """Return one finding per failed probe: a warning where the plan works around it (saying
+    how), an error where nothing automatic helps."""
+    from mps_helpers._known_problems import PROBE_RESPONSES
+    from mps_helpers._selftest import PROBE_INFO
+
+    out = []
+    for result in report.failed:
+        info = PROBE_INFO[result.name]
+        names = ", ".join(info.problems) if info.problems else "none recorded yet"
+        what = (
+            f"raised {result.message}"
+            if result.status == "error"
+            else f"gave wrong numbers (relative error {result.error:.1e}, tolerance "
+            f"{result.tolerance:.0e}; {result.detail})"
+        )
+        response = PROBE_RESPONSES.get(result.name)
+        plan = (
+            f"The plan on {report.device} responds: {response}."
+            if response
+            else "No automatic workaround."
+        )
+        out.append(
+            Finding(
+                "warning" if response else "error",
+                f"probe-{result.name}",
+                f"Self-test {result.name} on {report.device} in {result.dtype} {what}. "
+                f"Known problems it detects: {names}. {plan}",
+                "Check torch and macOS against docs/explanation/known-problems.md; send "
+                "`mps-helpers doctor --probe --json` with a bug report.",
+            )
+        )
+    return out

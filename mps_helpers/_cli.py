@@ -53,12 +53,22 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
     env = detect_environment()
     findings = check_environment(env)
+    report = None
+    if args.probe is not None:
+        report = _run_probes(args.probe, env)
+        if report is None:
+            return 1
+        from mps_helpers._checks import probe_findings
+
+        findings = _by_level((*findings, *probe_findings(report)))
     failed = any(f.level == "error" for f in findings)
     if args.json:
-        payload = {
+        payload: dict[str, Any] = {
             "environment": env.to_dict(),
             "findings": [f.to_dict() for f in findings],
         }
+        if report is not None:
+            payload["probes"] = report.to_dict()
         print(json.dumps(payload, indent=2))
         return 1 if failed else 0
     print(env.summary())
@@ -68,6 +78,9 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         if f.fix:
             print(f"        fix: {f.fix}")
     print()
+    if report is not None:
+        print(report.summary())
+        print()
     if failed:
         print("Not ready: fix the errors above.")
     elif env.is_apple_silicon:
@@ -75,6 +88,25 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     else:
         print("Ready: mps is not available here; pipelines will run on CUDA or the CPU.")
     return 1 if failed else 0
+
+
+def _run_probes(device: str, env: Any) -> Any:
+    """Run the device self-tests (cached for the plan); None after printing why they cannot."""
+    from mps_helpers._errors import DeviceUnavailableError
+    from mps_helpers._selftest import probe_device
+
+    try:
+        return probe_device(device, env=env)
+    except (DeviceUnavailableError, ImportError) as error:
+        print(f"mps-helpers doctor: {error}", file=sys.stderr)
+        return None
+
+
+def _by_level(findings: Sequence[Any]) -> tuple[Any, ...]:
+    from mps_helpers._checks import LEVELS
+
+    order = {level: i for i, level in enumerate(reversed(LEVELS))}
+    return tuple(sorted(findings, key=lambda f: order[f.level]))
 
 
 # ---------------------------------------------------------------------------------------
@@ -301,10 +333,20 @@ def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     doctor = sub.add_parser(
         "doctor",
         help="report whether this machine is ready for diffusers on mps, with fixes",
-        description="Report the environment and readiness findings with their fixes. "
-        "Exit status 0 when no finding is an error, 1 when one is.",
+        description="Report the environment, the readiness findings and the known mps "
+        "problems of this torch, macOS and chip, with their fixes; with --probe, also the "
+        "device self-tests. Exit status 0 when no finding is an error, 1 when one is.",
     )
     doctor.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    doctor.add_argument(
+        "--probe",
+        nargs="?",
+        const="auto",
+        choices=("auto", "mps", "cuda", "cpu"),
+        metavar="DEVICE",
+        help="also run the numeric self-tests (a few seconds) on DEVICE: auto (default: the "
+        "device the plan would use), mps, cuda or cpu; the results are cached for the plan",
+    )
     doctor.set_defaults(handler=_cmd_doctor)
 
     run = sub.add_parser(

@@ -18,7 +18,7 @@ from packaging.version import InvalidVersion, Version
 from mps_helpers._apply import prepare_quietly
 from mps_helpers._facts import PipelineFacts, facts_of_directory
 from mps_helpers._options import option_values, validate_options
-from mps_helpers._plan import make_plan, resolve_environment, warn_ignored
+from mps_helpers._plan import make_plan, resolve_environment, resolve_probes, warn_ignored
 from mps_helpers._util import dtype_name
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ def load_pipeline(
 
     local = Path(os.fspath(model_or_path))
     facts = facts_of_directory(local) if local.is_dir() else PipelineFacts()
-    plan = make_plan(facts, machine, validated)
+    plan = make_plan(facts, machine, validated, probes=resolve_probes("cached", machine))
 
     import torch
 

@@ -21,7 +21,7 @@ import logging
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from mps_helpers._facts import PipelineFacts, facts_of
 from mps_helpers._options import (
@@ -51,10 +51,13 @@ from mps_helpers._reasons import (
 from mps_helpers._util import DEVICES, dtype_name, is_dtype, release, warn_at_caller
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import torch
 
     from mps_helpers._environment import Environment
     from mps_helpers._facts import Pipeline
+    from mps_helpers._selftest import ProbeReport
     from mps_helpers._util import DeviceChoice, ProcessorChoice, Switch
 
 #: What a rule returns: its value, its rule id and the fields its reason template needs.
@@ -156,9 +159,14 @@ class Plan:
     reasons: Mapping[str, str] = field(default_factory=dict, hash=False)
     #: The id of the rule behind each decision (``"attention_slicing.mps-low-ram"``; the
     #: registry is :data:`mps_helpers._reasons.RULES`); ``"asked"`` for an explicit option.
+    #: A known problem or failed self-test that changed a decision names its rule here
+    #: (``"attention_slicing.known-problem"``, ``"dtype.probe"``).
     rules: Mapping[str, str] = field(default_factory=dict, hash=False)
     #: Explicit options the plan could not follow, each with why (the entry points warn).
     ignored: Mapping[str, str] = field(default_factory=dict, hash=False)
+    #: The notes added to a decision's reason, by rule id (``"nan_guard.note-black-images"``):
+    #: rules that follow a known problem or a failed self-test without changing the decision.
+    notes: Mapping[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
     #: False when the denoiser cannot slice attention (transformer-based): a stricter plan
     #: then leaves ``attention_slicing`` off.
     attention_slicing_supported: bool = True
@@ -222,14 +230,17 @@ class Plan:
                 new["attention_chunk_elements"] = None
             elif self.attention_chunk_elements is None:
                 new["attention_chunk_elements"] = 2**26
-        reasons, rules = dict(self.reasons), dict(self.rules)
+        reasons, rules, notes = dict(self.reasons), dict(self.rules), dict(self.notes)
         changed = [n for n, v in new.items() if n in DECISIONS and v != getattr(self, n)]
         for name in dict.fromkeys([*changed, *given_rules]):
             rules[name] = given_rules.get(name, "replaced")
             old, value = _show(getattr(self, name)), _show(new.get(name, getattr(self, name)))
             reasons[name] = reason(rules[name], {"old": old, "new": value})
+            notes.pop(name, None)  # the new reason replaces the old one and its notes
         reasons.update(given)
-        return dataclasses.replace(self, **new, reasons=reasons, rules=rules)
+        for name in given:
+            notes.pop(name, None)
+        return dataclasses.replace(self, **new, reasons=reasons, rules=rules, notes=notes)
 
     def __str__(self) -> str:
         size = "unknown size"
@@ -248,7 +259,7 @@ class Plan:
 
 
 #: The Plan fields that are mappings (read-only views on a plan, plain dicts in a pickle).
-_MAPPINGS = ("options", "reasons", "rules", "ignored")
+_MAPPINGS = ("options", "reasons", "rules", "ignored", "notes")
 
 
 def _plan_from_fields(fields: dict[str, Any]) -> Plan:
@@ -302,6 +313,7 @@ def plan_for(
     nan_guard: Switch = "auto",
     oom_retry: Switch = "auto",
     memory_watch: Switch = "auto",
+    probes: Literal["cached"] | ProbeReport | Sequence[ProbeReport] | None = "cached",
 ) -> Plan:
     """Return the :class:`Plan` for running ``pipe`` on a machine; pure, changes nothing.
 
@@ -321,6 +333,11 @@ def plan_for(
         attention_processor: "safe" (mps_helpers' chunked SDPA, default) or "diffusers".
         attention_slicing: "auto", True or False; so are ``vae_slicing``, ``vae_tiling``,
             ``warmup``, ``batch_to_loop``, ``nan_guard``, ``oom_retry`` and ``memory_watch``.
+        probes: the device self-test results the plan follows (a failed probe turns on the
+            workaround that covers it, see ``docs/explanation/known-problems.md``):
+            "cached" (the default) reads those :func:`mps_helpers.probe_device` saved for
+            this machine's torch, macOS and chip; None ignores them; or a
+            :class:`~mps_helpers.ProbeReport` (or several, one per device).
 
     Raises:
         TypeError: ``pipe`` is not a diffusers pipeline, or ``env`` not an Environment.
@@ -330,9 +347,29 @@ def plan_for(
     """
     options = validate_options(**option_values(locals()))
     facts = PipelineFacts() if pipe is None else facts_of(pipe)
-    plan = make_plan(facts, resolve_environment(env), options)
+    machine = resolve_environment(env)
+    plan = make_plan(facts, machine, options, probes=resolve_probes(probes, machine))
     warn_ignored(plan)
     return plan
+
+
+def resolve_probes(probes: Any, env: Environment) -> tuple[Any, ...]:
+    """Return the probe reports a plan follows: ``probes`` given, or the cached ones for
+    ``env`` when "cached"; TypeError for anything else."""
+    from mps_helpers._selftest import ProbeReport, cached_reports
+
+    if probes is None:
+        return ()
+    if isinstance(probes, str) and probes == "cached":
+        return cached_reports(env)
+    if isinstance(probes, ProbeReport):
+        return (probes,)
+    if isinstance(probes, (tuple, list)) and all(isinstance(p, ProbeReport) for p in probes):
+        return tuple(probes)
+    raise TypeError(
+        "probes must be 'cached', None, a ProbeReport or a sequence of them, got "
+        f"{type(probes).__name__}"
+    )
 
 
 def resolve_environment(env: Environment | None) -> Environment:
@@ -346,10 +383,20 @@ def resolve_environment(env: Environment | None) -> Environment:
     return env
 
 
-def make_plan(facts: PipelineFacts, env: Environment, options: Options) -> Plan:
+def make_plan(
+    facts: PipelineFacts,
+    env: Environment,
+    options: Options,
+    probes: Sequence[ProbeReport] = (),
+    *,
+    follow: bool = True,
+) -> Plan:
     """Return the plan for validated ``options`` (the rules; :func:`plan_for` wraps this).
 
     Pure: it neither warns nor logs above INFO; what it ignored is in ``plan.ignored``.
+    ``probes`` are the self-test reports to follow (results only: the public entry points
+    read the cache); ``follow=False`` leaves out the rules of the known problems and probes
+    (``mps_helpers._problem_rules``, which re-plans with it).
     """
     decided: dict[str, Decided] = {}
     switches = options.switches
@@ -394,6 +441,19 @@ def make_plan(facts: PipelineFacts, env: Environment, options: Options) -> Plan:
         rules={name: rule for name, (_v, rule, _fields) in decided.items()},
         ignored=ignored,
         attention_slicing_supported=facts.supports_attention_slicing is not False,
+    )
+    if not follow:
+        return plan
+    # Known mps problems and failed self-tests adjust the plan (mps_helpers._problem_rules).
+    from mps_helpers._problem_rules import follow_known_problems
+
+    plan = follow_known_problems(
+        plan,
+        facts,
+        env,
+        options,
+        probes,
+        replan=lambda changed: make_plan(facts, env, changed, follow=False),
     )
     for name in DECISIONS:
         logger.info("plan: %s = %s: %s", name, _show(getattr(plan, name)), plan.reasons[name])

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from packaging.version import Version
 
+from mps_helpers._known_problems import KNOWN_PROBLEMS, KnownProblem
 from mps_helpers._util import GiB, dtype_name, format_bytes, is_dtype
 
 if TYPE_CHECKING:
@@ -49,6 +50,8 @@ __all__ = [
     "MPS_BF16_TORCH",
     "MPS_ELEMENT_LIMIT",
     "PHRASES",
+    "PROBE_BLOCK_MARGIN",
+    "PROBLEM_RULES",
     "RULES",
     "SLICING_PIXELS_THRESHOLD",
     "SLICING_RAM_THRESHOLD",
@@ -61,6 +64,7 @@ __all__ = [
     "Phrase",
     "Rule",
     "cited_evidence",
+    "phrase",
     "reason",
     "template_fields",
     "template_text",
@@ -102,6 +106,9 @@ MPS_BF16_TORCH = Version("2.3")
 MPS_BF16_MACOS = Version("14")
 #: The torch release whose first pass on mps differs from later ones (major, minor).
 WARMUP_TORCH_RELEASE = (1, 13)
+#: A failed size self-test bounds score blocks at least this many times below the size
+#: that failed (a power of two, as the plan's bounds are).
+PROBE_BLOCK_MARGIN = 4
 
 #: The constants templates may name, by their template name.
 CONSTANTS: Mapping[str, object] = types.MappingProxyType(
@@ -120,6 +127,8 @@ CONSTANTS: Mapping[str, object] = types.MappingProxyType(
         "mps_bf16_torch": MPS_BF16_TORCH,
         "mps_bf16_macos": MPS_BF16_MACOS,
         "warmup_torch": ".".join(map(str, WARMUP_TORCH_RELEASE)),
+        "probe_margin": PROBE_BLOCK_MARGIN,
+        "known_problems_page": "docs/explanation/known-problems.md",
     }
 )
 
@@ -143,9 +152,19 @@ class Evidence:
 _BENCHMARKS = "docs/explanation/benchmarks.md"
 _DTYPE_PAGE = "docs/explanation/decisions.md#dtype"
 
+
+def _known_problem(problem: KnownProblem) -> Evidence:
+    """A known mps problem as evidence: its title, where it applies, its public threads."""
+    return Evidence(problem.title, problem.where(), ", ".join(problem.sources))
+
+
 #: Evidence by id; templates cite it as ``{id.claim}``, ``{id.figure}``, ``{id.source}``.
+#: Each known mps problem (``mps_helpers._known_problems``) is evidence under its own id
+#: (``{baddbmm-beta0-nan.figure}`` is "torch before 2.14, unconfirmed"), so the reasons that
+#: follow a problem cite its range and issue numbers from the one table that holds them.
 EVIDENCE: Mapping[str, Evidence] = types.MappingProxyType(
     {
+        **{problem.id: _known_problem(problem) for problem in KNOWN_PROBLEMS},
         "peers_fp16": Evidence(
             "ComfyUI, InvokeAI and A1111 also run fp16 there",
             "",
@@ -266,7 +285,8 @@ _NO_SLICING = (
     "(enable_attention_slicing() silently does nothing on transformer-based pipelines)"
 )
 _SLICES = "the source rule slices there ({mps_score_matrix.claim}: {mps_score_matrix.figure})."
-_SAFE = "mps_helpers' chunked SDPA; {mps_sliced_nan.claim} ({mps_sliced_nan.source})"
+_CHUNKED = "mps_helpers' chunked SDPA"
+_SAFE = f"{_CHUNKED}; {{mps_sliced_nan.claim}} ({{mps_sliced_nan.source}})"
 _OOM_RETRY = ", so a call is retried once with a stricter plan (slicing, tiling, looping)."
 _MPS_BF16 = "torch {mps_bf16_torch}+ and macOS {mps_bf16_macos}+"
 
@@ -470,6 +490,85 @@ RULES: Mapping[str, Rule] = types.MappingProxyType(
 )
 
 
+_BADDBMM = "known problem baddbmm-beta0-nan, {baddbmm-beta0-nan.figure}"
+_DIFFUSERS = "asked for diffusers' own enable_attention_slicing()"
+
+#: The rules that follow the known mps problems and the device's failed self-tests
+#: (``mps_helpers._problem_rules``). A *changing* rule replaces a decision's rule (the
+#: decision's value or reason follows a problem); a *note* (an id with ``.note-``) adds a
+#: sentence to the decision's reason and is listed in ``Plan.notes``. ``{causes}`` is a list
+#: of phrases (one per known problem or failed self-test), joined by "; "; ``{unused}`` says
+#: when attention slicing is off.
+PROBLEM_RULES: Mapping[str, Rule] = types.MappingProxyType(
+    {
+        **_rules(
+            "attention_processor",
+            {
+                "safe-known-problem": f"{_CHUNKED}; with torch {{torch}} "
+                f"diffusers' sliced attention gives NaN/black images on mps ({_BADDBMM}; "
+                "{mps_sliced_nan.source}){unused}.",
+                "safe-probe": f"{_CHUNKED}; {{causes}}{{unused}}.",
+                "safe-past-fix": f"{_CHUNKED}, which bounds every score block; "
+                f"torch {{torch}} is past {_BADDBMM}, so diffusers' own slicing would give "
+                "correct images too, but it only pays against classic attention{unused}.",
+                "diffusers-known-problem": f"{_DIFFUSERS}; with torch {{torch}} it gives "
+                f"NaN/black images on mps ({_BADDBMM}): use attention_processor='safe'"
+                "{unused}.",
+                "diffusers-probe": f"{_DIFFUSERS}; {{causes}}: use "
+                "attention_processor='safe'{unused}.",
+                "diffusers-past-fix": f"{_DIFFUSERS}; correct with torch {{torch}} (past "
+                f"{_BADDBMM}){{unused}}.",
+                "note-probe": "{causes}.",
+            },
+        ),
+        **_rules(
+            "attention_slicing",
+            {
+                "known-problem": "{causes}.",
+                "probe": "{causes}.",
+                "note-cannot-slice": "{causes}, but this denoiser cannot slice attention.",
+                "note-kept-off": "{causes}; kept off as asked.",
+                "note-on-anyway": "{causes}: slicing is on anyway.",
+            },
+        ),
+        **_rules(
+            "attention_chunk_elements",
+            {
+                "probe-bound": "{exponent:pow2} elements per score block: {causes}.",
+                "note-probe-unused": "{causes}; unused: no safe processor in this plan.",
+                "note-large-products": "guards against known problems sdpa-large-scores "
+                "({sdpa-large-scores.source}) and bmm-large-output "
+                "({bmm-large-output.source}).",
+                "note-large-scores": "guards against known problem sdpa-large-scores "
+                "({sdpa-large-scores.source}).",
+            },
+        ),
+        **_rules(
+            "dtype",
+            {
+                "probe": "{causes}.",
+                "note-kept-asked": "{causes}; kept float16 as asked.",
+                "note-not-float16": "{causes} (this plan is not float16).",
+            },
+        ),
+        **_rules("device", {"note-probes": "{causes}."}),
+        **_rules(
+            "nan_guard",
+            {
+                "note-black-images": "black images are reported on {chip} (known problem "
+                "black-images-m3ultra-m5, {black-images-m3ultra-m5.source}): the guard "
+                "checks outputs for them.",
+                "note-black-images-off": "black images are reported on {chip} (known problem "
+                "black-images-m3ultra-m5, {black-images-m3ultra-m5.source}): the guard is "
+                "off, though.",
+            },
+        ),
+    }
+)
+
+RULES = types.MappingProxyType({**RULES, **PROBLEM_RULES})
+
+
 #: Parts of sentences that several rules share, chosen by the rule function: a field whose
 #: value is a :class:`Phrase` is formatted from its template here.
 PHRASES: Mapping[str, str] = types.MappingProxyType(
@@ -478,6 +577,35 @@ PHRASES: Mapping[str, str] = types.MappingProxyType(
         "fallback-cpu": "neither mps nor CUDA is usable, so the CPU",
         "memory-seen": "{available:gib} {where}",
         "memory-unknown": "{where} (unknown: {unknown_memory:gib} assumed)",
+        "unused-slicing-off": " (unused: attention slicing is off)",
+        "unused-no": "",
+        # the known problems' torch ranges that turn attention slicing on (mps)
+        "known-sdpa-noncontiguous-query": "torch {torch} on mps is in the range of known "
+        "problem sdpa-noncontiguous-query ({sdpa-noncontiguous-query.claim}; "
+        "{sdpa-noncontiguous-query.figure}; {sdpa-noncontiguous-query.source}), and the safe "
+        "processor hands SDPA contiguous blocks",
+        "known-sdpa-permuted-batch": "torch {torch} on mps is in the range of known problem "
+        "sdpa-permuted-batch ({sdpa-permuted-batch.claim}; {sdpa-permuted-batch.figure}; "
+        "{sdpa-permuted-batch.source}), and the safe processor hands SDPA contiguous blocks",
+        # a failed self-test (its field "what" in the responses below)
+        "probe-wrong": "self-test {name} failed on this {device} in {dtype} (relative error "
+        "{error:.1e})",
+        "probe-nonfinite": "self-test {name} failed on this {device} in {dtype} (NaN/inf)",
+        "probe-raised": "self-test {name} raised on this {device} ({message})",
+        # what the plan does about it
+        "probe-baddbmm": "{what}: baddbmm does not ignore its input when beta=0 here, so "
+        "diffusers' sliced attention would give NaN/black images",
+        "probe-layout": "{what}: SDPA mishandles non-contiguous inputs here; the safe "
+        "processor hands it contiguous blocks",
+        "probe-layout-off-mps": "{what}: SDPA mishandles non-contiguous inputs here; the safe "
+        "processor hands it contiguous blocks on mps only, so no automatic workaround here",
+        "probe-size": "{what}: large attention products go wrong here, so attention is cut "
+        "into bounded blocks",
+        "probe-size-bound": "{what} at {elements:pow2} elements, so score blocks stay at "
+        "{bound:pow2}, {probe_margin}x or more below that",
+        "probe-half": "{what}: half precision goes wrong here, so the pipeline computes in float32",
+        "probe-none": "{what}: no automatic workaround (see `mps-helpers doctor --probe` and "
+        "{known_problems_page})",
     }
 )
 
@@ -508,7 +636,9 @@ class _Formatter(string.Formatter):
         if value is None:
             return "unknown"
         if isinstance(value, Phrase):
-            return _render(PHRASES[value.id], value.id, value.fields)
+            return phrase(value)
+        if isinstance(value, tuple) and value and all(isinstance(v, Phrase) for v in value):
+            return "; ".join(phrase(v) for v in value)
         if format_spec == "gib":
             return format_bytes(value, digits=0)
         if format_spec == "size":
@@ -530,6 +660,11 @@ def _render(template: str, rule_id: str, fields: Mapping[str, object]) -> str:
     if shadowed:
         raise ValueError(f"rule {rule_id!r}: fields {shadowed} shadow constants or evidence")
     return _FORMATTER.vformat(template, (), {**CONSTANTS, **EVIDENCE, **fields})
+
+
+def phrase(value: Phrase) -> str:
+    """Return a :class:`Phrase` formatted from its template of :data:`PHRASES`."""
+    return _render(PHRASES[value.id], value.id, value.fields)
 
 
 def reason(rule_id: str, fields: Mapping[str, object] | None = None) -> str:
@@ -561,10 +696,10 @@ def template_fields(rule_id: str) -> frozenset[str]:
 
 
 def cited_evidence(rule_id: str) -> tuple[str, ...]:
-    """Return the ids of the evidence a rule's reason cites, in order of appearance."""
-    rule = RULES[rule_id]
+    """Return the ids of the evidence a rule's reason (or a phrase) cites, in order."""
+    text = RULES[rule_id].template if rule_id in RULES else PHRASES[rule_id]
     cited: list[str] = []
-    for _literal, name, _spec, _conversion in _FORMATTER.parse(rule.template):
+    for _literal, name, _spec, _conversion in _FORMATTER.parse(text):
         root = (name or "").split(".", 1)[0]
         if root in EVIDENCE and root not in cited:
             cited.append(root)

@@ -45,6 +45,20 @@ def _one_torch_thread() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _empty_cache_directory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Point the library's cache (device self-test results) at an empty directory.
+
+    Plans follow the self-test results cached for the machine; tests must not see the ones
+    a real ``mps-helpers doctor --probe`` left in the user's cache. Subprocesses inherit it.
+    """
+    from mps_helpers._selftest import CACHE_ENV
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_ENV, str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _cpu_without_native_bfloat16() -> Iterator[None]:
     """Detect this CPU as one without native bfloat16 instructions (see ``real_cpu_dtype``).
 

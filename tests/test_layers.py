@@ -44,8 +44,12 @@ LAYERS: dict[str, int] = {
     "_evidence": 3,
     "_known_problems": 3,
     "_memory": 3,
-    # the plan: pure decisions
+    # device self-tests: small torch ops on a device and their cached reports (the checks
+    # turn failures into findings; the plan reads only the reports handed to it)
+    "_selftest": 3,
+    # the plan: pure decisions, and the rules that follow known problems and self-tests
     "_plan": 4,
+    "_problem_rules": 4,
     # call-time pieces
     "_attention": 5,
     "_batch": 5,

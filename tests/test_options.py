@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,12 +30,26 @@ CPU = MACHINES["linux-cpu"]
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
-def signature_drift(func: Callable[..., Any]) -> list[str]:
-    """Return how ``func``'s keyword-only plan options differ from the schema (empty: none)."""
+#: Keyword-only parameters of the public functions that are not plan options (not in the
+#: schema, so not CLI flags): the machine, and the self-test reports a plan follows.
+NON_OPTIONS: dict[str, set[str]] = {
+    "prepare_pipeline": {"env"},
+    "load_pipeline": {"env"},
+    "plan_for": {"env", "probes"},
+}
+
+
+def signature_drift(
+    func: Callable[..., Any], non_options: frozenset[str] = frozenset({"env"})
+) -> list[str]:
+    """Return how ``func``'s keyword-only plan options differ from the schema (empty: none).
+
+    ``non_options`` are the documented keywords that are not options (``env``, ``probes``).
+    """
     params = [
         p
         for p in inspect.signature(func).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "env"
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in non_options
     ]
     problems: list[str] = []
     names = [p.name for p in params]
@@ -57,7 +72,30 @@ PUBLIC = {
 
 @pytest.mark.parametrize("name", list(PUBLIC))
 def test_public_signatures_list_the_schemas_options(name: str) -> None:
-    assert signature_drift(PUBLIC[name]) == []
+    assert signature_drift(PUBLIC[name], frozenset(NON_OPTIONS[name])) == []
+
+
+@pytest.mark.parametrize("name", list(PUBLIC))
+def test_the_non_option_keywords_are_documented_and_not_options(name: str) -> None:
+    func = PUBLIC[name]
+    keywords = {
+        p.name
+        for p in inspect.signature(func).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in OPTION_NAMES
+    }
+    assert keywords == NON_OPTIONS[name]
+    # Documented in the function's Args, or in plan_for's (whose options the others share).
+    docs = (func.__doc__ or "") + (mps_helpers.plan_for.__doc__ or "")
+    for keyword in keywords:
+        assert keyword not in DEFAULTS
+        assert re.search(rf"^\s+{keyword}\b.*:", docs, re.MULTILINE), keyword
+
+
+def test_probes_is_not_an_option_of_the_schema_or_the_cli() -> None:
+    with pytest.raises(TypeError, match="probes"):
+        validate_options(probes=None)
+    # plan_for takes it (its reports are results, read from the cache by default).
+    assert mps_helpers.plan_for(env=CPU, probes=None).device == "cpu"
 
 
 def test_the_signature_check_fails_when_a_signature_drifts() -> None:

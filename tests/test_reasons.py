@@ -13,12 +13,15 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import torch
 from machines import MACHINES
+from packaging.version import Version
 
 import mps_helpers
-from mps_helpers import DeviceUnavailableError, check_environment
+from mps_helpers import DeviceUnavailableError, ProbeReport, ProbeResult, check_environment
 from mps_helpers._facts import PipelineFacts
+from mps_helpers._known_problems import KNOWN_PROBLEMS
 from mps_helpers._options import validate_options
 from mps_helpers._plan import DECISIONS, Plan, _show, make_plan
+from mps_helpers._problem_rules import FOLLOWED_PROBLEMS, LAYOUT_PROBLEMS
 from mps_helpers._reasons import (
     CONSTANTS,
     EVIDENCE,
@@ -85,7 +88,42 @@ def machines() -> dict[str, Environment]:
     out["rosetta-with-cuda"] = MACHINES["rosetta-m1"].replace(cuda_available=True)
     out["m2-mps-unusable-cuda"] = m2.replace(mps_available=False, cuda_available=True)
     out["cpu-tiny"] = MACHINES["linux-cpu"].replace(available_memory=GiB)
+    # inside and past the known problems' ranges (mps_helpers._problem_rules)
+    m4 = MACHINES["m4-128gb-macos15-torch-latest"]
+    out["m4-torch-2.8"] = m4.replace(torch_version=Version("2.8.0"))
+    out["m4-torch-2.14"] = m4.replace(torch_version=Version("2.14.0"))
+    out["m3-ultra"] = m4.replace(chip="Apple M3 Ultra")
     return out
+
+
+def failed(*names: str, device: str = "mps", elements: int = 2**24, **result: Any) -> ProbeReport:
+    """A report in which the named self-tests failed (wrong numbers unless ``result`` says)."""
+    fields: dict[str, Any] = {"status": "wrong", "error": 2.5, "tolerance": 2e-2, **result}
+    return ProbeReport(
+        device=device,
+        torch_version="2.13.0",
+        macos_version="15.6",
+        chip=None,
+        results=tuple(
+            ProbeResult(name=name, dtype="float16", elements=elements, **fields) for name in names
+        ),
+    )
+
+
+#: Failed self-tests, with the machines and options that reach each of their rules.
+PROBED: list[tuple[str, ProbeReport, dict[str, Any]]] = [
+    ("m4-128gb-macos15-torch-latest", failed("baddbmm_beta0", "softmax_half", "conv3d"), {}),
+    ("m4-torch-2.14", failed("baddbmm_beta0"), {"attention_processor": "diffusers"}),
+    ("m4-128gb-macos15-torch-latest", failed("softmax_half"), {"dtype": "float16"}),
+    ("m4-128gb-macos15-torch-latest", failed("bmm_large", status="error"), {}),
+    (
+        "m4-128gb-macos15-torch-latest",
+        failed("sdpa_long", error=None),
+        {"attention_processor": "diffusers"},
+    ),
+    ("linux-cpu", failed("sdpa_permuted", "softmax_half", "baddbmm_beta0", device="cpu"), {}),
+    ("m4-torch-2.8", failed(), {"attention_slicing": False}),
+]
 
 
 def all_plans() -> list[Plan]:
@@ -98,11 +136,22 @@ def all_plans() -> list[Plan]:
     return plans
 
 
+def probed_plans() -> list[Plan]:
+    envs = machines()
+    return [
+        make_plan(SD15, envs[name], validate_options(**options), (report,))
+        for name, report, options in PROBED
+    ]
+
+
 PLANS = all_plans()
+PROBE_PLANS = probed_plans()
 
 
 def test_every_rule_is_reachable_from_some_fake_machine() -> None:
-    reached = {rule for plan in PLANS for rule in plan.rules.values()}
+    plans = [*PLANS, *PROBE_PLANS]
+    reached = {rule for plan in plans for rule in plan.rules.values()}
+    reached |= {note for plan in plans for notes in plan.notes.values() for note in notes}
     # Plan.replace's rules are reached through it (next test), not by the plan's rules.
     assert reached == set(RULES) - {"replaced", "stricter"}
 
@@ -121,10 +170,16 @@ def test_replace_and_the_stricter_plan_have_their_rules() -> None:
 
 
 def test_every_decision_of_every_plan_names_a_rule_of_that_decision() -> None:
-    for plan in PLANS:
+    for plan in [*PLANS, *PROBE_PLANS]:
         assert set(plan.rules) == set(DECISIONS)
         for name, rule in plan.rules.items():
             assert RULES[rule].decision in ("", name)
+            assert ".note-" not in rule
+        for name, notes in plan.notes.items():
+            assert all(RULES[note].decision == name and ".note-" in note for note in notes)
+            for note in notes:  # each note's sentence is in the reason
+                start = RULES[note].template.split("{")[0].strip()[:20].lower()
+                assert start in plan.reasons[name].lower()
 
 
 def test_every_template_formats_from_known_names() -> None:
@@ -137,19 +192,46 @@ def test_every_template_formats_from_known_names() -> None:
         assert phrase_id in {f"fallback-{d}" for d in ("cuda", "cpu")} | {
             "memory-seen",
             "memory-unknown",
+            "unused-slicing-off",
+            "unused-no",
+            *(f"known-{problem}" for problem in LAYOUT_PROBLEMS),
+            *(f"probe-{kind}" for kind in ("wrong", "nonfinite", "raised")),
+            *(f"probe-{kind}" for kind in ("baddbmm", "layout", "layout-off-mps", "size")),
+            *(f"probe-{kind}" for kind in ("size-bound", "half", "none")),
         }
 
 
 def test_every_piece_of_evidence_is_cited() -> None:
-    cited = {e for rule_id in RULES for e in cited_evidence(rule_id)}
-    assert cited == set(EVIDENCE)
+    cited = {e for rule_id in [*RULES, *PHRASES] for e in cited_evidence(rule_id)}
+    # Each known problem is evidence; those the plan follows are cited by its reasons, the
+    # others (no plan decision helps) by doctor only.
+    doctor_only = {p.id for p in KNOWN_PROBLEMS} - set(FOLLOWED_PROBLEMS)
+    assert doctor_only == {
+        "conv3d-ncdhw-macos26",
+        "conv3d-channels-last",
+        "conv2d-noncontiguous-weight",
+        "non-blocking-copy",
+    }
+    assert cited == set(EVIDENCE) - doctor_only
+    for problem in KNOWN_PROBLEMS:
+        assert EVIDENCE[problem.id].source == ", ".join(problem.sources)
+        assert EVIDENCE[problem.id].figure == problem.where()
     for item in EVIDENCE.values():
         assert item.claim
         assert item.source
 
 
 #: Words with digits that are names, not figures.
-NAMES_WITH_DIGITS = {"float16", "float32", "bfloat16", "fp16", "arm64", "AVX512-BF16", "A1111's"}
+NAMES_WITH_DIGITS = {
+    "float16",
+    "float32",
+    "bfloat16",
+    "fp16",
+    "arm64",
+    "AVX512-BF16",
+    "A1111's",
+    *(problem.id for problem in KNOWN_PROBLEMS),
+}
 
 
 @pytest.mark.parametrize("rule_id", list(RULES))
