@@ -17,6 +17,7 @@ import importlib.util
 import json
 import logging
 import os
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +25,15 @@ from typing import TYPE_CHECKING, Any
 
 from packaging.version import InvalidVersion, Version
 
+from mps_helpers import _fit
+from mps_helpers._errors import MemoryFitWarning
 from mps_helpers._plan import (
     PipelineFacts,
     check_pipeline,
     denoiser_of,
     facts_of,
     make_plan,
+    memory_inputs,
     resolve_environment,
     size_from,
     unprepared_class,
@@ -128,7 +132,11 @@ def prepare_pipeline(
         oom_retry=oom_retry,
         memory_watch=memory_watch,
     )
-    plan = make_plan(facts_of(pipe), resolve_environment(env), options)
+    machine = resolve_environment(env)
+    memory = memory_inputs(pipe, live=True)
+    plan = make_plan(facts_of(pipe), machine, options, memory=memory)
+    # before anything changes: a strict caller's filter turns this into an error
+    _fit.warn_if_unfit(memory, plan, machine)
     if plan == plan_of(pipe) and _state_matches(pipe, plan):
         logger.info("%s is already prepared with this plan: nothing to change", _name(pipe))
         return pipe
@@ -635,7 +643,10 @@ def load_pipeline(
 
     local = Path(os.fspath(model_or_path))
     facts = facts_of_directory(local) if local.is_dir() else PipelineFacts()
-    plan = make_plan(facts, machine, validated)
+    memory = _directory_memory(local)
+    plan = make_plan(facts, machine, validated, memory=memory)
+    # before loading: a saved directory is estimated from its configs and headers alone
+    _fit.warn_if_unfit(memory, plan, machine)
 
     import torch
 
@@ -661,7 +672,25 @@ def load_pipeline(
         ", ".join(f"{k}={_show_kwarg(v)}" for k, v in sorted(kwargs.items())),
     )
     pipe = _from_pretrained(model_or_path, kwargs, fallback=fallback)
-    return prepare_pipeline(pipe, env=machine, **options)
+    if memory is None:
+        return prepare_pipeline(pipe, env=machine, **options)
+    with warnings.catch_warnings():  # said once already, before loading
+        warnings.simplefilter("ignore", MemoryFitWarning)
+        return prepare_pipeline(pipe, env=machine, **options)
+
+
+def _directory_memory(directory: Path) -> _fit.MemoryInputs | None:
+    """Return the memory inputs of a saved pipeline directory (None: not one)."""
+    if not (directory / "model_index.json").is_file():
+        return None
+    from mps_helpers._budget import read_live_memory
+    from mps_helpers._memory import spec_of_directory
+
+    try:
+        spec = spec_of_directory(directory)
+    except (OSError, ValueError):
+        return None
+    return _fit.MemoryInputs(spec, read_live_memory())
 
 
 def _show_kwarg(value: Any) -> str:

@@ -60,6 +60,7 @@ DECISIONS: tuple[str, ...] = (
     "vae_tiling",
     "warmup",
     "batch_to_loop",
+    "release_text_encoders",
     "nan_guard",
     "oom_retry",
     "memory_watch",
@@ -315,6 +316,10 @@ class Plan:
     #: False when the denoiser cannot slice attention (transformer-based): a stricter plan
     #: then leaves ``attention_slicing`` off.
     attention_slicing_supported: bool = True
+    #: Release the text encoders' weights once a call has encoded its prompts, reloading them
+    #: from disk for the next call that needs them (unified memory, when the estimate says
+    #: the peak needs it; see ``docs/explanation/memory.md``).
+    release_text_encoders: bool = False
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -593,7 +598,22 @@ def plan_for(
         memory_watch=memory_watch,
     )
     facts = PipelineFacts() if pipe is None else facts_of(pipe)
-    return make_plan(facts, resolve_environment(env), options)
+    return make_plan(facts, resolve_environment(env), options, memory=memory_inputs(pipe))
+
+
+def memory_inputs(pipe: Any, *, live: bool = False) -> Any:
+    """Return the memory estimate's inputs for ``pipe`` (None without a pipeline).
+
+    ``live`` adds readings of the devices' memory taken now (prepare_pipeline); plan_for
+    plans from the snapshot alone.
+    """
+    if pipe is None:
+        return None
+    from mps_helpers._budget import read_live_memory
+    from mps_helpers._fit import MemoryInputs
+    from mps_helpers._memory import spec_of_pipeline
+
+    return MemoryInputs(spec_of_pipeline(pipe), read_live_memory() if live else None)
 
 
 def resolve_environment(env: Environment | None) -> Environment:
@@ -607,8 +627,14 @@ def resolve_environment(env: Environment | None) -> Environment:
     return env
 
 
-def make_plan(facts: PipelineFacts, env: Environment, options: _Options) -> Plan:
-    """Return the plan for validated ``options`` (the rules; :func:`plan_for` wraps this)."""
+def make_plan(
+    facts: PipelineFacts, env: Environment, options: _Options, *, memory: Any = None
+) -> Plan:
+    """Return the plan for validated ``options`` (the rules; :func:`plan_for` wraps this).
+
+    ``memory`` (:class:`mps_helpers._fit.MemoryInputs`) lets the memory decisions come from
+    the predicted peak against the device's budget (:func:`mps_helpers._fit.fit_plan`).
+    """
     reasons: dict[str, str] = {}
     switches = options.switches
 
@@ -648,6 +674,43 @@ def make_plan(facts: PipelineFacts, env: Environment, options: _Options) -> Plan
     vae_tiling, reasons["vae_tiling"] = _vae_tiling(tight, height, width, switches["vae_tiling"])
     warmup, reasons["warmup"] = _warmup(env, device, switches["warmup"])
     loop, reasons["batch_to_loop"] = _batch_to_loop(device, switches["batch_to_loop"])
+    release = False
+    reasons["release_text_encoders"] = (
+        "off: no memory estimate (pipeline or image size unknown)."
+        if device == "mps"
+        else "off: only on unified memory (mps), where a released encoder's memory goes back "
+        "to the denoiser."
+    )
+    fit = _fit_memory(
+        memory,
+        env,
+        facts,
+        options,
+        device=device,
+        dtype=dtype,
+        vae_dtype=vae_dtype,
+        height=height,
+        width=width,
+        slicing=slicing,
+        processor=processor,
+        chunk=chunk,
+        loop=loop,
+    )
+    if fit is not None:
+        after = fit.settings
+        tight = fit.tight
+        slicing, chunk = after.attention_slicing, after.attention_chunk_elements
+        vae_slicing, vae_tiling = after.vae_slicing, after.vae_tiling
+        loop, release = after.batch_to_loop, after.release_text_encoders
+        reasons.update(fit.reasons)
+        if "attention_slicing" in fit.turned_on:
+            reasons["attention_processor"] = _processor_reason(processor, slicing)
+            reasons["attention_chunk_elements"] = (
+                f"2**{chunk.bit_length() - 1} elements per score block: the bound the memory "
+                "estimate needed."
+                if chunk
+                else "None: diffusers' own slicing picks its slices."
+            )
     nan_guard, reasons["nan_guard"] = _nan_guard(dtype, switches["nan_guard"])
     oom_retry, reasons["oom_retry"] = _oom_retry(device, switches["oom_retry"])
     watch, reasons["memory_watch"] = _memory_watch(device, switches["memory_watch"])
@@ -672,10 +735,61 @@ def make_plan(facts: PipelineFacts, env: Environment, options: _Options) -> Plan
         options=options.given,
         reasons=reasons,
         attention_slicing_supported=facts.supports_attention_slicing is not False,
+        release_text_encoders=release,
     )
     for name in DECISIONS:
         logger.info("plan: %s = %s: %s", name, _show(getattr(plan, name)), plan.reasons[name])
     return plan
+
+
+def _fit_memory(
+    memory: Any,
+    env: Environment,
+    facts: PipelineFacts,
+    options: _Options,
+    *,
+    device: str,
+    dtype: torch.dtype,
+    vae_dtype: torch.dtype,
+    height: int | None,
+    width: int | None,
+    slicing: bool,
+    processor: str,
+    chunk: int | None,
+    loop: bool,
+) -> Any:
+    """Return the memory measures from the estimate (mps_helpers._fit), or None."""
+    if memory is None or height is None or width is None:
+        return None
+    from mps_helpers import _fit
+    from mps_helpers._memory import Settings
+
+    base = Settings(
+        device=device,
+        dtype=_dtype_name(dtype),
+        vae_dtype=_dtype_name(vae_dtype),
+        attention_slicing=slicing,
+        attention_processor=processor,
+        attention_chunk_elements=chunk,
+        batch_to_loop=loop,
+        # the VAE measures as the user forced them; "auto" ones are the estimate's to decide
+        vae_slicing=options.switches["vae_slicing"] is True,
+        vae_tiling=options.switches["vae_tiling"] is True,
+        torch_version=env.torch_version,
+    )
+    switches = options.switches
+    auto = {name for name in _fit.MEASURES if switches.get(name, None) is None}
+    return _fit.fit_plan(
+        memory,
+        env,
+        base,
+        height=height,
+        width=width,
+        batch_size=options.batch_size or 1,
+        auto=auto,
+        chunk_elements=chunk or attention_chunk_elements(env, dtype, device=device),
+        slicing_supported=facts.supports_attention_slicing is not False,
+    )
 
 
 def _asked(value: Any) -> str:
