@@ -23,12 +23,14 @@ if TYPE_CHECKING:
         DeviceOutOfMemoryError,
         DeviceUnavailableError,
         DistributedGenerationError,
+        MemoryFitWarning,
         MemoryPressureWarning,
         NonFiniteOutputError,
         NonFiniteOutputWarning,
         OutOfMemoryRetryWarning,
         WarmupError,
     )
+    from mps_helpers._memory import MemoryEstimate, estimate_memory
     from mps_helpers._plan import Plan, plan_for
     from mps_helpers._warmup import warmup
 
@@ -40,6 +42,8 @@ _EXPORTS: dict[str, str] = {
     "check_environment": "mps_helpers._checks",
     "Plan": "mps_helpers._plan",
     "plan_for": "mps_helpers._plan",
+    "MemoryEstimate": "mps_helpers._memory",
+    "estimate_memory": "mps_helpers._memory",
     "prepare_pipeline": "mps_helpers._apply",
     "plan_of": "mps_helpers._apply",
     "load_pipeline": "mps_helpers._apply",
@@ -52,6 +56,7 @@ _EXPORTS: dict[str, str] = {
     "DeviceOutOfMemoryError": "mps_helpers._errors",
     "DeviceUnavailableError": "mps_helpers._errors",
     "DistributedGenerationError": "mps_helpers._errors",
+    "MemoryFitWarning": "mps_helpers._errors",
     "MemoryPressureWarning": "mps_helpers._errors",
     "NonFiniteOutputError": "mps_helpers._errors",
     "NonFiniteOutputWarning": "mps_helpers._errors",
@@ -67,6 +72,8 @@ __all__ = [
     "DistributedGenerationError",
     "Environment",
     "Finding",
+    "MemoryEstimate",
+    "MemoryFitWarning",
     "MemoryPressureWarning",
     "NonFiniteOutputError",
     "NonFiniteOutputWarning",
@@ -78,6 +85,7 @@ __all__ = [
     "auto_prepare",
     "check_environment",
     "detect_environment",
+    "estimate_memory",
     "generate",
     "load_pipeline",
     "plan_for",

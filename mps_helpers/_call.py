@@ -25,7 +25,7 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-from mps_helpers import _guards
+from mps_helpers import _guards, _release
 from mps_helpers._batch import (
     IMAGE_KEYS,
     BoundCall,
@@ -83,11 +83,21 @@ def prepared_call(
             ``completed`` attribute.
     """
     plan = getattr(pipe, "_mps_helpers_plan", None)
-    # The fast path: one attribute read and five truth tests over the raw call.
+    # The fast path: one attribute read and a few truth tests over the raw call.
+    release = getattr(plan, "release_text_encoders", False)
     if plan is None or not (
-        plan.warmup or plan.batch_to_loop or plan.nan_guard or plan.oom_retry or plan.memory_watch
+        plan.warmup
+        or plan.batch_to_loop
+        or plan.nan_guard
+        or plan.oom_retry
+        or plan.memory_watch
+        or release
     ):
         return call(*args, **kwargs)
+    if release:
+        # every pipeline call below (warmup, each prompt of a loop, a retry) reloads the
+        # encoders it needs and releases them once its denoiser runs
+        call = _release.around(pipe, call)
     bound = bind_call(call, args, kwargs)
     if bound is None:
         # The arguments do not bind: let the pipeline raise its own TypeError.

@@ -251,16 +251,18 @@ def spec_of_pipeline(pipe: Any) -> ModelSpec:
         guidance=guidance_mode(cls),
         text_lengths=lengths,
         upcasts_vae=_upcasts_vae(cls),
-        directory=_source_directory(pipe),
+        directory=source_directory(pipe),
         default_frames=_default_frames(cls),
     )
 
 
-def _source_directory(pipe: Any) -> str | None:
+def source_directory(pipe: Any) -> str | None:
+    """Return the local directory a pipeline was loaded from (its ``model_index.json``'s)."""
     name = getattr(getattr(pipe, "config", None), "_name_or_path", None)
-    if isinstance(name, str) and name and os.path.isdir(name):
-        return name
-    return None
+    if not isinstance(name, (str, os.PathLike)) or not os.fspath(name):
+        return None
+    path = os.fspath(name)
+    return path if os.path.isfile(os.path.join(path, "model_index.json")) else None
 
 
 def _unprepared(cls: type) -> type:
