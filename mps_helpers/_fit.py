@@ -73,6 +73,8 @@ class MemoryInputs:
 
     spec: ModelSpec
     live: LiveMemory | None = None
+    #: Frames of a video call (None: the pipeline's default).
+    frames: int | None = None
 
 
 @dataclass(frozen=True)
@@ -169,7 +171,7 @@ def fit_plan(
     if budget.usable is None:
         return None
     usable = int(budget.usable * FIT_SHARE)
-    frames = _frames(spec, frames)
+    frames = _frames(spec, frames if frames is not None else inputs.frames)
 
     def run(settings: Settings) -> MemoryEstimate:
         return estimate(
@@ -181,32 +183,32 @@ def fit_plan(
     turned_on: list[str] = []
     effect: dict[str, tuple[MemoryEstimate, MemoryEstimate]] = {}
     candidates = _candidates(spec, base, auto, batch_size, slicing_supported)
-    for measure in candidates:
-        if result.peak <= usable:
-            break
-        trial = _with(current, measure, chunk_elements)
-        if trial is None:
-            continue
-        trial_result = run(trial)
-        if measure == "attention_slicing":
-            # a smaller bound while it still helps and the peak is still over
-            while (
-                trial_result.peak > usable
-                and trial.attention_chunk_elements is not None
-                and trial.attention_chunk_elements // _CHUNK_STEP >= _CHUNK_FLOOR
-            ):
-                smaller = trial.replace(
-                    attention_chunk_elements=trial.attention_chunk_elements // _CHUNK_STEP
-                )
-                smaller_result = run(smaller)
-                if smaller_result.peak >= trial_result.peak:
-                    break
-                trial, trial_result = smaller, smaller_result
-        if trial_result.peak < result.peak:
-            effect[measure] = (result, trial_result)
-            current, result = trial, trial_result
-            turned_on.append(measure)
-    reasons = _reasons(budget, usable, before, result, current, turned_on, effect, candidates)
+    # Passes over the measures, cheapest first, until the peak fits or nothing lowers it: a
+    # measure that lowered one phase can leave another on top, which an earlier measure (a
+    # smaller attention bound) then lowers on the next pass.
+    progress = True
+    while result.peak > usable and progress:
+        progress = False
+        for measure in candidates:
+            if result.peak <= usable:
+                break
+            if measure in effect and measure != "attention_slicing":
+                continue
+            trial = _with(current, measure, chunk_elements)
+            if trial is None:
+                continue
+            trial_result = run(trial)
+            if trial_result.peak < result.peak:
+                first = effect.get(measure, (result, trial_result))[0]
+                effect[measure] = (first, trial_result)
+                current, result = trial, trial_result
+                if measure not in turned_on:
+                    turned_on.append(measure)
+                progress = True
+    # a measure already on (a tighter attention bound was tried) keeps its rule's reason
+    # unless the estimate changed it
+    off = [m for m in candidates if not getattr(base, m) or m in effect]
+    reasons = _reasons(budget, usable, before, result, current, turned_on, effect, off)
     return FitDecision(
         budget=budget,
         usable=usable,
@@ -249,14 +251,21 @@ def _candidates(
 
 
 def _with(settings: Settings, measure: str, chunk: int) -> Settings | None:
+    """Return ``settings`` with one more step of ``measure``, or None when it has none left."""
     if measure == "attention_slicing":
         if settings.attention_processor != "safe":
+            if settings.attention_slicing:
+                return None
             return settings.replace(attention_slicing=True, attention_chunk_elements=None)
         if settings.attention_slicing and settings.attention_chunk_elements:
             bound = settings.attention_chunk_elements // _CHUNK_STEP
+            if bound < _CHUNK_FLOOR:
+                return None
         else:
             bound = chunk
         return settings.replace(attention_slicing=True, attention_chunk_elements=bound)
+    if getattr(settings, measure):
+        return None
     return settings.replace(**{measure: True})
 
 
@@ -343,7 +352,7 @@ def check_fit(
         settings_of_plan(plan, env),
         height=height,
         width=width,
-        frames=_frames(inputs.spec, frames),
+        frames=_frames(inputs.spec, frames if frames is not None else inputs.frames),
         batch_size=int(batch),
     )
     room = _usable_text(budget, usable)

@@ -7,7 +7,11 @@ counts, checked on the meta device by the tests, are in each entry's ``params``.
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 SD_SCHEDULE: dict[str, Any] = {
     "beta_start": 0.00085,
@@ -174,3 +178,159 @@ WAN_VAE: dict[str, Any] = {
     "attn_scales": [],
     "temperal_downsample": [False, True, True],
 }
+
+
+# ---------------------------------------------------------------------------------------
+# Pipelines of these architectures with random weights, built on a device ("meta": shapes only)
+
+
+def _half(name: str) -> Any:
+    import torch
+
+    return torch.bfloat16 if name == "flux" else torch.float16
+
+
+@contextlib.contextmanager
+def _on(device: str) -> Iterator[None]:
+    import torch
+
+    with torch.device(device):
+        yield
+
+
+def _clip(config: dict[str, Any], tokenizer: Any, *, projection: bool) -> Any:
+    import transformers
+
+    from mps_helpers.testing import _text_config
+
+    cls = transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel
+    return cls(_text_config(tokenizer, **config))
+
+
+def _t5(config: dict[str, Any], tokenizer: Any, *, umt5: bool = False) -> Any:
+    import transformers
+
+    options = {k: v for k, v in config.items() if k != "is_encoder_decoder"}
+    if umt5:
+        return transformers.UMT5EncoderModel(
+            transformers.UMT5Config(
+                **options,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                decoder_start_token_id=tokenizer.pad_token_id,
+            )
+        )
+    return transformers.T5EncoderModel(
+        transformers.T5Config(
+            **options,
+            tie_word_embeddings=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
+def _vae(config: dict[str, Any]) -> Any:
+    import diffusers
+
+    return diffusers.AutoencoderKL(**{k: v for k, v in config.items() if k != "_class_name"})
+
+
+def build(name: str, device: str) -> Any:
+    """Return the pipeline ``name`` with random weights, built on ``device`` in its dtype."""
+    import diffusers
+    import torch
+
+    from mps_helpers.testing import _t5_tokenizer, _tokenizer
+
+    dtype = _half(name)
+    clip, clip2, t5 = _tokenizer(), _tokenizer(), _t5_tokenizer()
+    # Schedulers and tokenizers stay on the CPU; the models are made on the device.
+    with _on(device), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if name == "sd15":
+            models = {
+                "unet": diffusers.UNet2DConditionModel(**SD15_UNET),
+                "vae": _vae(SD_VAE),
+                "text_encoder": _clip(CLIP_L, clip, projection=False),
+            }
+        elif name == "sdxl":
+            models = {
+                "unet": diffusers.UNet2DConditionModel(**SDXL_UNET),
+                "vae": _vae(SDXL_VAE),
+                "text_encoder": _clip(CLIP_L, clip, projection=False),
+                "text_encoder_2": _clip(CLIP_G, clip2, projection=True),
+            }
+        elif name == "sd3":
+            models = {
+                "transformer": diffusers.SD3Transformer2DModel(**SD3_MEDIUM),
+                "vae": _vae(SD3_VAE),
+                "text_encoder": _clip(CLIP_L, clip, projection=True),
+                "text_encoder_2": _clip(CLIP_G, clip2, projection=True),
+                "text_encoder_3": _t5(T5_XXL, t5),
+            }
+        elif name == "flux":
+            models = {
+                "transformer": diffusers.FluxTransformer2DModel(**FLUX_DEV),
+                "vae": _vae(FLUX_VAE),
+                "text_encoder": _clip(CLIP_L, clip, projection=False),
+                "text_encoder_2": _t5(T5_XXL, t5),
+            }
+        elif name == "pixart":
+            models = {
+                "transformer": diffusers.PixArtTransformer2DModel(**PIXART_SIGMA),
+                "vae": _vae(SDXL_VAE),
+                "text_encoder": _t5(T5_XXL, t5),
+            }
+        elif name == "wan":
+            models = {
+                "transformer": diffusers.WanTransformer3DModel(**WAN_1_3B),
+                "vae": diffusers.AutoencoderKLWan(**WAN_VAE),
+                "text_encoder": _t5(UMT5_XXL, t5, umt5=True),
+            }
+        else:
+            raise ValueError(f"unknown model {name!r}")
+    for module in models.values():
+        module.to(dtype=dtype).eval().requires_grad_(False)
+    if name == "sd15":
+        pipe = diffusers.StableDiffusionPipeline(
+            **models,
+            tokenizer=clip,
+            scheduler=diffusers.DDIMScheduler(**SD_SCHEDULE, clip_sample=False),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    elif name == "sdxl":
+        pipe = diffusers.StableDiffusionXLPipeline(
+            **models,
+            tokenizer=clip,
+            tokenizer_2=clip2,
+            scheduler=diffusers.EulerDiscreteScheduler(**SD_SCHEDULE),
+        )
+    elif name == "sd3":
+        pipe = diffusers.StableDiffusion3Pipeline(
+            **models,
+            tokenizer=clip,
+            tokenizer_2=clip2,
+            tokenizer_3=t5,
+            scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+        )
+    elif name == "flux":
+        pipe = diffusers.FluxPipeline(
+            **models,
+            tokenizer=clip,
+            tokenizer_2=t5,
+            scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+        )
+    elif name == "pixart":
+        pipe = diffusers.PixArtSigmaPipeline(
+            **models, tokenizer=t5, scheduler=diffusers.DPMSolverMultistepScheduler()
+        )
+    else:
+        pipe = diffusers.WanPipeline(
+            **models, tokenizer=t5, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
