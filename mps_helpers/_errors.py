@@ -113,5 +113,5 @@ class MemoryFitWarning(RuntimeWarning):
 
         warnings.simplefilter("error", mps_helpers.MemoryFitWarning)
 
-    .. versionadded:: 0.2
+    .. versionadded:: 0.1
     """

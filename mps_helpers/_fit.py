@@ -381,4 +381,4 @@ def warn_if_unfit(
         return
     from mps_helpers._errors import MemoryFitWarning
 
-    warnings.warn(f"will not fit: {verdict[1]}.", MemoryFitWarning, stacklevel=stacklevel + 1)
+    warnings.warn(f"will not fit: {verdict[1]}.", MemoryFitWarning, stacklevel=stacklevel)

@@ -1090,7 +1090,7 @@ class MemoryEstimate:
     All figures are bytes. ``peak`` is the largest of the phases' totals (the weights
     resident during the phase plus its working memory); ``str(estimate)`` is a table.
 
-    .. versionadded:: 0.2
+    .. versionadded:: 0.1
     """
 
     #: Image height and width in pixels, frames (None for images), images per call.
@@ -1409,7 +1409,7 @@ def estimate_memory(
         TypeError: ``pipe_or_directory`` is neither a pipeline nor a directory.
         FileNotFoundError: a directory without ``model_index.json``.
 
-    .. versionadded:: 0.2
+    .. versionadded:: 0.1
     """
     _positive("height", height)
     _positive("width", width)

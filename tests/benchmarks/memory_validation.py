@@ -173,16 +173,25 @@ def _call_kwargs(pipe: Any, height: int, width: int, frames: int | None, batch: 
 
 
 def _predict(  # noqa: PLR0917 - the cell's fields, in the order of its tuple
-    pipe: Any, height: int, width: int, frames: int | None, batch: int, plan: Any
+    pipe: Any, height: int, width: int, frames: int | None, batch: int, plan: Any, variant: str
 ) -> dict[str, Any] | None:
-    import mps_helpers
-
-    estimate = getattr(mps_helpers, "estimate_memory", None)
-    if estimate is None:
+    """Return the estimate of one cell for the loaded pipeline and its plan, or None."""
+    try:
+        from mps_helpers._environment import detect_environment
+        from mps_helpers._memory import estimate, settings_from_plan, spec_of_pipeline
+    except ImportError:  # an mps_helpers without the estimate
         return None
     try:
+        settings = settings_from_plan(plan, torch_version=detect_environment().torch_version)
+        if "math" in variant:  # the cell forces SDPA's math path
+            settings = settings.replace(attention_kernel=False)
         result = estimate(
-            pipe, height=height, width=width, frames=frames, batch_size=batch, plan=plan
+            spec_of_pipeline(pipe),
+            settings,
+            height=height,
+            width=width,
+            frames=frames,
+            batch_size=batch,
         )
     except Exception:  # a prediction that fails is reported, the measurement kept
         return {"error": traceback.format_exc(limit=3)}
@@ -210,7 +219,7 @@ def measure_cuda(  # noqa: PLR0917 - the cell's fields, in the order of its tupl
     if "safe" in variant:
         plan = plan.replace(attention_slicing=True, attention_chunk_elements=2**26)
     apply_plan(pipe, plan)
-    prediction = _predict(pipe, height, width, frames, batch, plan)
+    prediction = _predict(pipe, height, width, frames, batch, plan, variant)
 
     gc.collect()
     torch.cuda.empty_cache()
@@ -249,6 +258,7 @@ def measure_cuda(  # noqa: PLR0917 - the cell's fields, in the order of its tupl
         "phase_peaks": phases.peaks,
         "seconds": round(seconds, 2),
         "finite": finite,
+        "torch": torch.__version__.split("+")[0],
         "predicted": prediction,
     }
     del output
@@ -261,12 +271,14 @@ def _cpu_peak(fn: Callable[[], Any]) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    current = peak = 0
     events = sorted(
-        (e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type().name == "CPU"
     )
-    for event in events:
-        current += event.cpu_memory_usage
+    current = peak = 0
+    for _, nbytes in events:
+        current += nbytes
         peak = max(peak, current)
     return peak
 
@@ -277,7 +289,7 @@ def measure_cpu(pipe: Any, name: str, height: int, width: int, batch: int) -> di
 
     prepare_pipeline(pipe, device="cpu", height=height, width=width, batch_size=batch)
     plan = plan_of(pipe)
-    prediction = _predict(pipe, height, width, None, batch, plan)
+    prediction = _predict(pipe, height, width, None, batch, plan, "plain")
     kwargs = _call_kwargs(pipe, height, width, None, batch)
     weights = _weights(pipe)
     working = _cpu_peak(lambda: pipe(**kwargs))
@@ -426,10 +438,14 @@ def _write(path: str | None, records: list[dict[str, Any]]) -> None:
         Path(path).write_text(json.dumps(records, indent=1, default=str), encoding="utf-8")
 
 
+def _size(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
+
+
 def table(records: list[dict[str, Any]]) -> str:
     """Return the Markdown table of predicted against measured peaks."""
     rows = [
-        "| model | size | batch | variant | measured GiB | predicted GiB | error | phase |",
+        "| model | size | batch | variant | measured | predicted | error | peak phase |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
@@ -440,7 +456,7 @@ def table(records: list[dict[str, Any]]) -> str:
         error = predicted["peak"] / r["measured_peak"] - 1
         rows.append(
             f"| {r['model']} | {size} | {r['batch']} | {r['variant']} | "
-            f"{r['measured_peak'] / GiB:.2f} | {predicted['peak'] / GiB:.2f} | {error:+.1%} | "
+            f"{_size(r['measured_peak'])} | {_size(predicted['peak'])} | {error:+.1%} | "
             f"{predicted.get('peak_phase', '')} |"
         )
     return "\n".join(rows)
@@ -477,8 +493,15 @@ def plot(records: list[dict[str, Any]], path: str) -> None:
         xs = [p[0] for p in points if p[2] == model]
         ys = [p[1] for p in points if p[2] == model]
         ax.scatter(xs, ys, label=model, s=24)
+    from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
+
+    ticks = [t for t in (1, 2, 3, 4, 6, 8, 10, 15, 20, 30, 40, 60, 80) if low <= t <= high]
     ax.set_xscale("log")
     ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(FixedLocator(ticks))
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(NullFormatter())
     ax.set_xlim(low, high)
     ax.set_ylim(low, high)
     ax.set_xlabel("measured peak, GiB (torch.cuda.max_memory_allocated)")
@@ -505,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("mps_helpers").setLevel(logging.WARNING)  # the plans' reasons: not here
     if args.table:
         records = json.loads(Path(args.table).read_text(encoding="utf-8"))
         if args.predict:
