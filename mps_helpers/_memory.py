@@ -1031,6 +1031,10 @@ def _transformer_step(
     return peak, tokens
 
 
+#: Transformer denoisers whose blocks the DiT count was checked against.
+_KNOWN_DIT = ("PixArt", "Wan", "DiT", "Transformer2DModel")
+
+
 def _family(class_name: str, config: Mapping[str, Any]) -> str:
     if class_name.startswith("UNet2DCondition"):
         return "unet"
@@ -1257,6 +1261,11 @@ def estimate(
                 workspace=workspace,
             )
         elif family in ("flux", "sd3", "dit"):
+            if family == "dit" and not denoiser.class_name.startswith(_KNOWN_DIT):
+                notes.append(
+                    f"{denoiser.class_name} is estimated as a DiT block with cross-attention "
+                    "(feed-forward and four hidden-sized tensors per token)"
+                )
             step, _ = _transformer_step(
                 family,
                 denoiser.config,
@@ -1297,7 +1306,7 @@ def estimate(
         vae_attention = dataclasses.replace(
             attention, itemsize=sv, chunk=None, diffusers_sliced=False
         )
-        if vae.class_name == "AutoencoderKLWan":
+        if "temperal_downsample" in vae.config:  # Wan 2.1's causal 3-D VAE and its kin
             decode = _wan_decode(
                 vae.config,
                 h=h,

@@ -417,3 +417,18 @@ def test_fit_on_this_machine(dirs: dict, capsys: pytest.CaptureFixture) -> None:
 def test_estimate_memory_is_public() -> None:
     assert mps_helpers.estimate_memory.__module__ == "mps_helpers._memory"
     assert Version(mps_helpers.__version__)
+
+
+def test_live_readings_never_start_a_device() -> None:
+    import torch
+
+    from mps_helpers._budget import read_live_memory
+
+    initialised = torch.cuda.is_initialized()
+    live = read_live_memory()
+    assert torch.cuda.is_initialized() is initialised
+    if not torch.backends.mps.is_available():
+        assert live.mps_recommended is None
+        assert live.mps_allocated is None
+    if not initialised:
+        assert live.cuda_free is None
