@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         DeviceOutOfMemoryError,
         DeviceUnavailableError,
         DistributedGenerationError,
+        MemoryFitWarning,
         MemoryPressureWarning,
         NonFiniteOutputError,
         NonFiniteOutputWarning,
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     )
     from mps_helpers._known_problems import KnownProblem, known_problems
     from mps_helpers._load import load_pipeline
+    from mps_helpers._memory import MemoryEstimate, estimate_memory
     from mps_helpers._plan import Plan, plan_for
     from mps_helpers._selftest import ProbeReport, ProbeResult, probe_device
     from mps_helpers._warmup import warmup
@@ -43,6 +45,8 @@ _EXPORTS: dict[str, str] = {
     "check_environment": "mps_helpers._checks",
     "Plan": "mps_helpers._plan",
     "plan_for": "mps_helpers._plan",
+    "MemoryEstimate": "mps_helpers._memory",
+    "estimate_memory": "mps_helpers._memory",
     "prepare_pipeline": "mps_helpers._apply",
     "plan_of": "mps_helpers._apply",
     "load_pipeline": "mps_helpers._load",
@@ -56,6 +60,7 @@ _EXPORTS: dict[str, str] = {
     "DeviceOutOfMemoryError": "mps_helpers._errors",
     "DeviceUnavailableError": "mps_helpers._errors",
     "DistributedGenerationError": "mps_helpers._errors",
+    "MemoryFitWarning": "mps_helpers._errors",
     "MemoryPressureWarning": "mps_helpers._errors",
     "NonFiniteOutputError": "mps_helpers._errors",
     "NonFiniteOutputWarning": "mps_helpers._errors",
@@ -78,6 +83,8 @@ __all__ = [
     "Environment",
     "Finding",
     "KnownProblem",
+    "MemoryEstimate",
+    "MemoryFitWarning",
     "MemoryPressureWarning",
     "NonFiniteOutputError",
     "NonFiniteOutputWarning",
@@ -91,6 +98,7 @@ __all__ = [
     "auto_prepare",
     "check_environment",
     "detect_environment",
+    "estimate_memory",
     "generate",
     "known_problems",
     "load_pipeline",

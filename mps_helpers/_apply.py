@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, SupportsIndex
 
-from mps_helpers import _markers
+from mps_helpers import _fit, _markers
 from mps_helpers._facts import check_pipeline, denoiser_of, facts_of
 from mps_helpers._markers import is_prepared_class, original_class
 from mps_helpers._options import Options, option_values, validate_options
@@ -92,14 +92,27 @@ def prepare_pipeline(
     """
     check_pipeline(pipe)
     options = validate_options(**option_values(locals()))
-    plan = prepare_quietly(pipe, resolve_environment(env), options)
+    plan = prepare_quietly(pipe, resolve_environment(env), options, warn_unfit=True)
     warn_ignored(plan)
     return pipe
 
 
-def prepare_quietly(pipe: Any, env: Environment, options: Options) -> Plan:
-    """Plan and apply without warning (:func:`load_pipeline` warns once itself); return the plan."""
-    plan = make_plan(facts_of(pipe), env, options, probes=resolve_probes("cached", env))
+def prepare_quietly(
+    pipe: Any, env: Environment, options: Options, *, warn_unfit: bool = False
+) -> Plan:
+    """Plan and apply without warning (:func:`load_pipeline` warns once itself); return the plan.
+
+    The plan reads the devices' memory now (the estimate's budget). ``warn_unfit`` gives the
+    :class:`~mps_helpers.MemoryFitWarning` of a plan predicted not to fit, before anything
+    changes (a strict caller's filter makes it an error); :func:`load_pipeline` gives it
+    itself before loading a local directory.
+    """
+    memory = _fit.memory_inputs(pipe, live=True)
+    plan = make_plan(
+        facts_of(pipe), env, options, probes=resolve_probes("cached", env), memory=memory
+    )
+    if warn_unfit:
+        _fit.warn_if_unfit(memory, plan, env)
     if plan == plan_of(pipe) and _state_matches(pipe, plan):
         logger.info("%s is already prepared with this plan: nothing to change", _name(pipe))
         return plan

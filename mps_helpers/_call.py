@@ -25,7 +25,7 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-from mps_helpers import _memory_watch, _nan_guard, _oom_retry
+from mps_helpers import _memory_watch, _nan_guard, _oom_retry, _release
 from mps_helpers._batch import (
     IMAGE_KEYS,
     BoundCall,
@@ -96,13 +96,22 @@ def prepared_call(
         BatchError: one prompt of a looped batch failed; the prompts before it are in its
             ``completed`` attribute.
     """
-    # The fast path: one attribute read (the marker, see _markers.attached_plan) and five
+    # The fast path: one attribute read (the marker, see _markers.attached_plan) and six
     # truth tests over the raw call.
     plan: Plan | None = getattr(pipe, PLAN_ATTR, None)
     if plan is None or not (
-        plan.warmup or plan.batch_to_loop or plan.nan_guard or plan.oom_retry or plan.memory_watch
+        plan.warmup
+        or plan.batch_to_loop
+        or plan.nan_guard
+        or plan.oom_retry
+        or plan.memory_watch
+        or getattr(plan, "release_text_encoders", False)  # a plan from before the field
     ):
         return call(*args, **kwargs)
+    if getattr(plan, "release_text_encoders", False):
+        # every pipeline call below (warmup, each prompt of a loop, a retry) reloads the
+        # encoders it needs and releases them once its denoiser runs
+        call = _release.around(pipe, call)
     bound = bind_call(call, args, kwargs)
     if bound is None:
         # The arguments do not bind: let the pipeline raise its own TypeError.

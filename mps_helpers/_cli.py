@@ -1,7 +1,8 @@
 """The command line: ``mps-helpers`` / ``python -m mps_helpers``.
 
 Commands: ``doctor`` (is this machine ready?), ``run`` (an existing script, unchanged, with
-every pipeline it loads prepared) and ``demo`` (build, prepare, generate, save).
+every pipeline it loads prepared), ``demo`` (build, prepare, generate, save) and ``fit``
+(will a saved model fit here, at this size, and how?).
 
 Only this module prints; every other layer logs or warns. It imports neither torch nor
 diffusers at module level: ``run`` must set ``PYTORCH_ENABLE_MPS_FALLBACK`` before torch is
@@ -302,6 +303,91 @@ def _positive_int(text: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------
+# fit
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    """Print the memory a saved pipeline needs, the budget, and the plan that fits."""
+    from mps_helpers._plan import validate_options
+
+    try:
+        options = validate_options(
+            height=args.height, width=args.width, batch_size=args.batch, **_plan_options(args)
+        )
+    except ValueError as error:
+        raise _UsageError(str(error)) from None
+    from mps_helpers._budget import read_live_memory
+    from mps_helpers._environment import detect_environment
+    from mps_helpers._fit import MemoryInputs, check_fit
+    from mps_helpers._machines import describe, machine_profile
+    from mps_helpers._memory import estimate, settings_from_plan, spec_of_directory
+
+    try:
+        spec = spec_of_directory(args.model)
+    except FileNotFoundError as error:
+        print(f"mps-helpers fit: {error}", file=sys.stderr)
+        return 2
+    from mps_helpers._facts import facts_of_directory
+    from mps_helpers._plan import make_plan
+
+    if args.machine:
+        env, where = machine_profile(args.machine), f"{args.machine} ({describe(args.machine)})"
+        live = None
+    else:
+        env, where, live = detect_environment(), "this machine", read_live_memory()
+    inputs = MemoryInputs(spec, live, frames=args.frames)
+    from pathlib import Path
+
+    plan = make_plan(facts_of_directory(Path(args.model)), env, options, memory=inputs)
+    result = estimate(
+        spec,
+        settings_from_plan(plan, torch_version=env.torch_version),
+        height=args.height,
+        width=args.width,
+        frames=args.frames if args.frames is not None else spec.default_frames,
+        batch_size=args.batch,
+    )
+    verdict = check_fit(inputs, plan, env)
+    fits = verdict is None or verdict[0]
+    decisions = (
+        "memory_tight",
+        "attention_slicing",
+        "attention_chunk_elements",
+        "vae_slicing",
+        "vae_tiling",
+        "batch_to_loop",
+        "release_text_encoders",
+    )
+    if args.json:
+        payload = {
+            "model": str(args.model),
+            "machine": where,
+            "estimate": result.to_dict(),
+            "fits": fits,
+            "verdict": None if verdict is None else verdict[1],
+            "plan": plan.to_dict(),
+        }
+        print(json.dumps(payload, indent=2, default=str))
+        return 0 if fits else 1
+    print(f"Model:   {spec.pipeline_class or 'unknown pipeline'}, {args.model}")
+    print(f"Machine: {where}")
+    print(result)
+    print()
+    print(f"Plan on {plan.device}, {str(plan.dtype).removeprefix('torch.')}:")
+    width = max(len(name) for name in decisions)
+    for name in decisions:
+        value = getattr(plan, name)
+        shown = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else value
+        print(f"  {name:<{width}}  {shown!s:<10}  {plan.reasons[name]}")
+    print()
+    if verdict is None:
+        print("Budget unknown here: no verdict.")
+    else:
+        print(("Fits: " if fits else "Does not fit: ") + verdict[1] + ("" if fits else "."))
+    return 0 if fits else 1
+
+
+# ---------------------------------------------------------------------------------------
 # parser
 
 
@@ -390,7 +476,40 @@ def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     demo.add_argument("--seed", type=int, default=0, help="noise seed (default %(default)s)")
     _add_plan_options(demo)
     demo.set_defaults(handler=_cmd_demo)
-    return parser, {"doctor": doctor, "run": run, "demo": demo}
+
+    fit = _fit_parser(sub)
+    return parser, {"doctor": doctor, "run": run, "demo": demo, "fit": fit}
+
+
+def _fit_parser(sub: Any) -> argparse.ArgumentParser:
+    from mps_helpers._machines import MACHINE_PROFILES
+
+    fit: argparse.ArgumentParser = sub.add_parser(
+        "fit",
+        help="will a saved model fit in memory here (or on another machine), and how?",
+        description="Predict the memory one call of a saved pipeline needs (weights per "
+        "component, working memory per phase, the peak) from its configs and the headers "
+        "of its safetensors files, without reading a weight; compare it with the budget of "
+        "this machine (or of a named one) and print the plan that fits. Exit status 0 when "
+        "it fits, 1 when nothing makes it fit, 2 for usage errors.",
+    )
+    fit.add_argument("model", metavar="MODEL_DIR", help="a saved diffusers pipeline directory")
+    fit.add_argument("--height", type=_positive_int, required=True, help="image height, px")
+    fit.add_argument("--width", type=_positive_int, required=True, help="image width, px")
+    fit.add_argument("--frames", type=_positive_int, help="frames (video pipelines)")
+    fit.add_argument(
+        "--batch", type=_positive_int, default=1, help="images per call (default %(default)s)"
+    )
+    fit.add_argument(
+        "--machine",
+        choices=MACHINE_PROFILES,
+        metavar="NAME",
+        help="plan for a named machine instead of this one: " + ", ".join(MACHINE_PROFILES),
+    )
+    fit.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    _add_plan_options(fit)
+    fit.set_defaults(handler=_cmd_fit)
+    return fit
 
 
 def build_parser() -> argparse.ArgumentParser:

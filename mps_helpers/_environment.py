@@ -17,9 +17,9 @@ from typing import Any
 from packaging.version import Version
 
 from mps_helpers import _probes
-from mps_helpers._util import GiB, format_bytes, parse_version
+from mps_helpers._util import Device, GiB, format_bytes, parse_version
 
-__all__ = ["Environment", "detect_environment"]
+__all__ = ["Environment", "auto_device", "detect_environment"]
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,15 @@ class Environment:
         if self.cuda_device_name:
             lines.append(f"CUDA:       {self.cuda_device_name}")
         return "\n".join(lines)
+
+
+def auto_device(env: Environment) -> Device:
+    """Return the device ``device="auto"`` picks on ``env``: mps when it is usable and Python
+    runs natively, else CUDA when usable, else the CPU (the plan's rule ``device.*`` says
+    why; the memory estimate assumes the same device)."""
+    if env.mps_available and not env.is_rosetta:
+        return "mps"
+    return "cuda" if env.cuda_available else "cpu"
 
 
 def _yn(flag: bool) -> str:

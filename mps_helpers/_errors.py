@@ -12,6 +12,7 @@ __all__ = [
     "DeviceOutOfMemoryError",
     "DeviceUnavailableError",
     "DistributedGenerationError",
+    "MemoryFitWarning",
     "MemoryPressureWarning",
     "NonFiniteOutputError",
     "NonFiniteOutputWarning",
@@ -100,3 +101,17 @@ class MemoryPressureWarning(RuntimeWarning):
 
 class OutOfMemoryRetryWarning(RuntimeWarning):
     """The device ran out of memory; a retry with a stricter memory plan worked (and stays)."""
+
+
+class MemoryFitWarning(RuntimeWarning):
+    """A pipeline is predicted not to fit the device's memory at the planned size.
+
+    :func:`~mps_helpers.prepare_pipeline` and :func:`~mps_helpers.load_pipeline` give it
+    before the first call (before loading, for a local directory), with the predicted peak,
+    the phase where it occurs and the usable memory. Make it an error to refuse such a
+    pipeline instead of swapping or being killed::
+
+        warnings.simplefilter("error", mps_helpers.MemoryFitWarning)
+
+    .. versionadded:: 0.1
+    """

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from packaging.version import InvalidVersion, Version
 
+from mps_helpers import _fit
 from mps_helpers._apply import prepare_quietly
 from mps_helpers._facts import PipelineFacts, facts_of_directory
 from mps_helpers._options import option_values, validate_options
@@ -92,7 +93,12 @@ def load_pipeline(
 
     local = Path(os.fspath(model_or_path))
     facts = facts_of_directory(local) if local.is_dir() else PipelineFacts()
-    plan = make_plan(facts, machine, validated, probes=resolve_probes("cached", machine))
+    memory = _directory_memory(local)
+    plan = make_plan(
+        facts, machine, validated, probes=resolve_probes("cached", machine), memory=memory
+    )
+    # before loading: a saved directory is estimated from its configs and headers alone
+    _fit.warn_if_unfit(memory, plan, machine)
 
     import torch
 
@@ -120,8 +126,23 @@ def load_pipeline(
     pipe = _from_pretrained(model_or_path, kwargs, fallback=fallback)
     # The plan again, now that the pipeline is known (a Hub id's facts were not); only this
     # one is warned about, once.
-    warn_ignored(prepare_quietly(pipe, machine, validated))
+    # (the fit warning too, unless it was given before loading)
+    warn_ignored(prepare_quietly(pipe, machine, validated, warn_unfit=memory is None))
     return pipe
+
+
+def _directory_memory(directory: Path) -> _fit.MemoryInputs | None:
+    """Return the memory inputs of a saved pipeline directory (None: not one)."""
+    if not (directory / "model_index.json").is_file():
+        return None
+    from mps_helpers._budget import read_live_memory
+    from mps_helpers._memory import spec_of_directory
+
+    try:
+        spec = spec_of_directory(directory)
+    except (OSError, ValueError):
+        return None
+    return _fit.MemoryInputs(spec, read_live_memory())
 
 
 def _show_kwarg(value: object) -> str:

@@ -1,11 +1,14 @@
 """The marks a prepared pipeline carries, and the only code that reads or writes them.
 
-Preparing a pipeline leaves four marks (all private attributes, named here once):
+Preparing a pipeline leaves four marks, and running one a fifth (all private attributes,
+named here once):
 
 - on the pipeline instance, the applied :class:`~mps_helpers.Plan`;
 - on its prepared class, the original class it was made from;
 - on the denoiser, the attention processors in place before the library replaced them;
-- on the VAE, the handles of the hooks that bridge its dtype.
+- on the VAE, the handles of the hooks that bridge its dtype;
+- on the pipeline instance, the text encoders released within a call
+  (``mps_helpers._release``) and how to reload them.
 
 Every layer reads and writes them through these accessors; this is a bottom module, which
 imports nothing of the package at run time.
@@ -29,6 +32,7 @@ __all__ = [
     "pop_cast_hooks",
     "pop_saved_processors",
     "prepared_namespace",
+    "released_encoders",
     "saved_processors",
     "set_cast_hooks",
     "set_plan",
@@ -45,6 +49,8 @@ ORIGINAL_ATTR = "_mps_helpers_original"
 _SAVED_PROCESSORS_ATTR = "_mps_helpers_saved_processors"
 #: VAE attribute: the handles of the dtype-bridging hooks.
 _CAST_HOOKS_ATTR = "_mps_helpers_cast_hooks"
+#: Pipeline attribute: {text encoder name: how to reload it} for those released now.
+_RELEASED_ATTR = "_mps_helpers_released"
 
 
 # ---------------------------------------------------------------------------------------
@@ -150,3 +156,9 @@ def pop_cast_hooks(vae: object) -> list[Any] | None:
     """Return the handles of the VAE's bridging hooks and forget them (None: none)."""
     handles: list[Any] | None = vars(vae).pop(_CAST_HOOKS_ATTR, None)
     return handles
+
+
+def released_encoders(pipe: object) -> dict[str, Any]:
+    """Return the pipeline's record of released text encoders (created empty, kept)."""
+    record: dict[str, Any] = vars(pipe).setdefault(_RELEASED_ATTR, {})
+    return record

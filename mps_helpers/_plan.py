@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 
     from mps_helpers._environment import Environment
     from mps_helpers._facts import Pipeline
+    from mps_helpers._fit import MemoryInputs
     from mps_helpers._selftest import ProbeReport
     from mps_helpers._util import DeviceChoice, ProcessorChoice, Switch
 
@@ -105,6 +106,7 @@ DECISIONS: tuple[str, ...] = (
     "vae_tiling",
     "warmup",
     "batch_to_loop",
+    "release_text_encoders",
     "nan_guard",
     "oom_retry",
     "memory_watch",
@@ -170,6 +172,10 @@ class Plan:
     #: False when the denoiser cannot slice attention (transformer-based): a stricter plan
     #: then leaves ``attention_slicing`` off.
     attention_slicing_supported: bool = True
+    #: Release the text encoders' weights once a call has encoded its prompts, reloading them
+    #: from disk for the next call that needs them (unified memory, when the estimate says
+    #: the peak needs it; see ``docs/explanation/memory.md``).
+    release_text_encoders: bool = False
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -348,7 +354,13 @@ def plan_for(
     options = validate_options(**option_values(locals()))
     facts = PipelineFacts() if pipe is None else facts_of(pipe)
     machine = resolve_environment(env)
-    plan = make_plan(facts, machine, options, probes=resolve_probes(probes, machine))
+    plan = make_plan(
+        facts,
+        machine,
+        options,
+        probes=resolve_probes(probes, machine),
+        memory=memory_inputs(pipe),
+    )
     warn_ignored(plan)
     return plan
 
@@ -372,6 +384,13 @@ def resolve_probes(probes: Any, env: Environment) -> tuple[Any, ...]:
     )
 
 
+def memory_inputs(pipe: Any, *, live: bool = False) -> MemoryInputs | None:
+    """Return the memory estimate's inputs for ``pipe`` (:func:`mps_helpers._fit.memory_inputs`)."""
+    from mps_helpers._fit import memory_inputs as inputs
+
+    return inputs(pipe, live=live)
+
+
 def resolve_environment(env: Environment | None) -> Environment:
     """Return ``env``, or this machine's snapshot when None; TypeError for anything else."""
     from mps_helpers._environment import Environment, detect_environment
@@ -390,13 +409,16 @@ def make_plan(
     probes: Sequence[ProbeReport] = (),
     *,
     follow: bool = True,
+    memory: MemoryInputs | None = None,
 ) -> Plan:
     """Return the plan for validated ``options`` (the rules; :func:`plan_for` wraps this).
 
     Pure: it neither warns nor logs above INFO; what it ignored is in ``plan.ignored``.
     ``probes`` are the self-test reports to follow (results only: the public entry points
     read the cache); ``follow=False`` leaves out the rules of the known problems and probes
-    (``mps_helpers._problem_rules``, which re-plans with it).
+    (``mps_helpers._problem_rules``, which re-plans with it). ``memory``
+    (:class:`mps_helpers._fit.MemoryInputs`) lets the memory decisions come from the
+    predicted peak against the device's budget (:func:`mps_helpers._fit.fit_plan`).
     """
     decided: dict[str, Decided] = {}
     switches = options.switches
@@ -423,6 +445,8 @@ def make_plan(
     _value(decided, "vae_tiling", _vae_tiling(tight, size, switches["vae_tiling"]))
     _value(decided, "warmup", _warmup(env, device, switches["warmup"]))
     _value(decided, "batch_to_loop", _batch_to_loop(device, switches["batch_to_loop"]))
+    _value(decided, "release_text_encoders", _release_text_encoders(device))
+    _fit_memory(decided, memory, env=env, facts=facts, options=options, size=size)
     _value(decided, "nan_guard", _nan_guard(dtype, switches["nan_guard"]))
     _value(decided, "oom_retry", _oom_retry(device, switches["oom_retry"]))
     _value(decided, "memory_watch", _memory_watch(device, switches["memory_watch"]))
@@ -453,7 +477,7 @@ def make_plan(
         env,
         options,
         probes,
-        replan=lambda changed: make_plan(facts, env, changed, follow=False),
+        replan=lambda changed: make_plan(facts, env, changed, follow=False, memory=memory),
     )
     for name in DECISIONS:
         logger.info("plan: %s = %s: %s", name, _show(getattr(plan, name)), plan.reasons[name])
@@ -464,6 +488,83 @@ def _value(decided: dict[str, Decided], name: str, result: Decided) -> Any:
     """Record a rule's result for decision ``name`` and return its value."""
     decided[name] = result
     return result[0]
+
+
+def _release_text_encoders(device: str) -> Decided:
+    # without an estimate; the memory rules (_fit_memory) turn it on when the peak needs it
+    rule = "no-estimate" if device == "mps" else "not-mps"
+    return False, f"release_text_encoders.{rule}", {}
+
+
+def _fit_memory(
+    decided: dict[str, Decided],
+    memory: MemoryInputs | None,
+    *,
+    env: Environment,
+    facts: PipelineFacts,
+    options: Options,
+    size: tuple[int | None, int | None],
+) -> None:
+    """Let the memory estimate (mps_helpers._fit) decide the memory measures left to "auto".
+
+    Overrides ``memory_tight`` and the measures' values, and the rules of those the estimate
+    could act on (``<decision>.estimate-*``); nothing without an estimate or an image size.
+    """
+    height, width = size
+    if memory is None or height is None or width is None:
+        return
+    from mps_helpers import _fit
+    from mps_helpers._memory import Settings
+
+    switches = options.switches
+    device = decided["device"][0]
+    dtype = decided["dtype"][0]
+    chunk = decided["attention_chunk_elements"][0]
+    base = Settings(
+        device=device,
+        dtype=dtype_name(dtype),
+        vae_dtype=dtype_name(decided["vae_dtype"][0]),
+        attention_slicing=decided["attention_slicing"][0],
+        attention_processor=options.attention_processor,
+        attention_chunk_elements=chunk,
+        batch_to_loop=decided["batch_to_loop"][0],
+        # the VAE measures as the user forced them; "auto" ones are the estimate's to decide
+        vae_slicing=switches["vae_slicing"] is True,
+        vae_tiling=switches["vae_tiling"] is True,
+        torch_version=env.torch_version,
+    )
+    auto = {name for name in _fit.MEASURES if switches.get(name) is None}
+    fit = _fit.fit_plan(
+        memory,
+        env,
+        base,
+        height=height,
+        width=width,
+        batch_size=options.batch_size or 1,
+        auto=auto,
+        chunk_elements=chunk or attention_chunk_elements(env, dtype, device=device),
+        slicing_supported=facts.supports_attention_slicing is not False,
+    )
+    if fit is None:
+        return
+    after = fit.settings
+    rule, fields = fit.rules["memory_tight"]
+    decided["memory_tight"] = (fit.tight, rule, fields)
+    for name in _fit.MEASURES:
+        old = decided[name]
+        rule, fields = fit.rules.get(name, (old[1], old[2]))
+        decided[name] = (getattr(after, name), rule, fields)
+    if "attention_slicing" in fit.turned_on:
+        decided["attention_processor"] = _processor(options.attention_processor, True)
+        bound = after.attention_chunk_elements
+        decided["attention_chunk_elements"] = (
+            (bound, "attention_chunk_elements.estimate-bound", {"exponent": bound})
+            if bound
+            else (None, "attention_chunk_elements.diffusers", {})
+        )
+    else:
+        old = decided["attention_chunk_elements"]
+        decided["attention_chunk_elements"] = (after.attention_chunk_elements, old[1], old[2])
 
 
 def _asked(value: Any) -> Decided:
@@ -492,12 +593,15 @@ def _device(env: Environment, asked: str) -> Decided:
     if asked != "auto":
         return _asked(asked)
 
-    fallback = "cuda" if env.cuda_available else "cpu"
+    from mps_helpers._environment import auto_device
+
+    chosen = auto_device(env)
+    if chosen == "mps":
+        return "mps", "device.mps", {}
+    fallback = chosen
     fields: dict[str, object] = {
         "fallback": Phrase(f"fallback-{fallback}", {"gpu": env.cuda_device_name or "GPU 0"}),
     }
-    if env.mps_available and not env.is_rosetta:
-        return "mps", "device.mps", {}
     if env.is_rosetta:
         fields["python"] = env.python_machine or "x86_64"
         return fallback, "device.rosetta", fields

@@ -43,13 +43,18 @@ LAYERS: dict[str, int] = {
     "_reasons": 3,
     "_evidence": 3,
     "_known_problems": 3,
+    # the memory estimate from a pipeline's configs, the device's budget, named machines
     "_memory": 3,
+    "_budget": 3,
+    "_machines": 3,
     # device self-tests: small torch ops on a device and their cached reports (the checks
     # turn failures into findings; the plan reads only the reports handed to it)
     "_selftest": 3,
     # the plan: pure decisions, and the rules that follow known problems and self-tests
     "_plan": 4,
     "_problem_rules": 4,
+    # the memory measures the estimate needs (the plan's memory rules)
+    "_fit": 4,
     # call-time pieces
     "_attention": 5,
     "_batch": 5,
@@ -57,6 +62,7 @@ LAYERS: dict[str, int] = {
     "_nan_guard": 5,
     "_oom_retry": 5,
     "_memory_watch": 5,
+    "_release": 5,
     # the prepared call
     "_call": 6,
     # applying a plan, loading with one

@@ -147,9 +147,47 @@ def probed_plans() -> list[Plan]:
 PLANS = all_plans()
 PROBE_PLANS = probed_plans()
 
+#: The memory estimate's rules (mps_helpers._fit), each reached on a fake named machine by
+#: (model, machine profile, size, batch, GiB that other work holds on mps).
+MEMORY_CASES: list[tuple[str, str, int, int, int]] = [
+    ("sd15", "m1-8gb", 512, 1, 0),  # fits: every measure off
+    ("sd15", "m1-8gb", 512, 4, 0),  # fits, batch: VAE slicing off too
+    ("sd15", "m1-8gb", 1024, 1, 0),  # VAE tiling makes it fit
+    ("sd15", "m1-8gb", 1024, 4, 0),  # the measures before VAE slicing... not needed
+    ("sd15", "m1-8gb", 512, 1, 7),  # nothing makes it fit; the encoders released
+    ("sd15", "m2-16gb", 2048, 1, 7),  # a smaller attention bound
+    ("sd15", "rtx4090-24gb", 512, 1, 0),  # CUDA: attention bound off, it fits
+    ("sd15", "rtx4090-24gb", 512, 4, 0),
+    ("sd15", "rtx4090-24gb", 2048, 4, 0),  # VAE slicing on, the rest not needed
+    ("flux", "rtx4090-24gb", 512, 4, 0),  # looping the prompts
+]
 
-def test_every_rule_is_reachable_from_some_fake_machine() -> None:
-    plans = [*PLANS, *PROBE_PLANS]
+
+@pytest.fixture(scope="module")
+def memory_plans(tmp_path_factory: pytest.TempPathFactory) -> list[Plan]:
+    import architectures as arch
+    from headers import save_headers
+
+    from mps_helpers._budget import LiveMemory
+    from mps_helpers._facts import facts_of_directory
+    from mps_helpers._fit import MemoryInputs
+    from mps_helpers._machines import machine_profile
+    from mps_helpers._memory import spec_of_directory
+
+    root = tmp_path_factory.mktemp("memory-rules")
+    dirs = {name: save_headers(arch.build(name, "meta"), root / name) for name in ("sd15", "flux")}
+    plans = []
+    for name, machine, size, batch, held in MEMORY_CASES:
+        live = LiveMemory(mps_allocated=held * GiB) if held else None
+        memory = MemoryInputs(spec_of_directory(dirs[name]), live)
+        options = validate_options(height=size, width=size, batch_size=batch)
+        facts = facts_of_directory(dirs[name])
+        plans.append(make_plan(facts, machine_profile(machine), options, memory=memory))
+    return plans
+
+
+def test_every_rule_is_reachable_from_some_fake_machine(memory_plans: list[Plan]) -> None:
+    plans = [*PLANS, *PROBE_PLANS, *memory_plans]
     reached = {rule for plan in plans for rule in plan.rules.values()}
     reached |= {note for plan in plans for notes in plan.notes.values() for note in notes}
     # Plan.replace's rules are reached through it (next test), not by the plan's rules.
