@@ -27,6 +27,7 @@ __all__ = [
     "batch_size",
     "bind_call",
     "call_signature",
+    "check_call",
     "merge_outputs",
     "merge_values",
     "split_batch",
@@ -130,6 +131,44 @@ def bind_call(
         default = None if parameter is None else parameter.default
         per_prompt = default if isinstance(default, int) else 1
     return BoundCall(kwargs=flat, num_images_per_prompt=int(per_prompt))
+
+
+@functools.cache
+def _positional_of(func: Callable[..., Any], skip: int) -> tuple[str, ...]:
+    return _positional_names(_signature_of(func, skip))
+
+
+def _positional_names(signature: inspect.Signature) -> tuple[str, ...]:
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(name for name, p in signature.parameters.items() if p.kind in kinds)
+
+
+def check_call(call: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+    """Raise ValueError for arguments that no pipeline can run, before any work is done.
+
+    Checks an empty ``prompt`` list and a ``num_inference_steps`` below 1, whether given by
+    name or by position; anything else is left to the pipeline. Cheap enough for every
+    call: no binding, a cached look-up of the positional parameters' names.
+
+    Raises:
+        ValueError: ``prompt`` is an empty list, or ``num_inference_steps`` is an int < 1.
+    """
+    given: Mapping[str, Any] = kwargs
+    # Positional arguments are named only where one could matter: pipe("a fox") costs nothing.
+    if len(args) > 1 or (args and isinstance(args[0], list) and not args[0]):
+        if isinstance(call, functools.partial) and not call.keywords:
+            names = _positional_of(call.func, len(call.args))
+        else:
+            names = _positional_names(inspect.signature(call))
+        given = {**dict(zip(names, args)), **kwargs}
+    prompt = given.get("prompt")
+    if isinstance(prompt, list) and not prompt:
+        raise ValueError(
+            "prompt is an empty list: pass at least one prompt (a string, or a list of strings)"
+        )
+    steps = given.get("num_inference_steps")
+    if isinstance(steps, int) and not isinstance(steps, bool) and steps < 1:
+        raise ValueError(f"num_inference_steps must be at least 1, got {steps}")
 
 
 def _rows(value: Any) -> int | None:

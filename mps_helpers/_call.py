@@ -31,6 +31,7 @@ from mps_helpers._batch import (
     BoundCall,
     batch_size,
     bind_call,
+    check_call,
     merge_outputs,
     split_batch,
 )
@@ -76,12 +77,14 @@ def prepared_call(
         args, kwargs: the arguments the user gave.
 
     Raises:
-        ValueError: a looped batch's per-prompt arguments have mismatched lengths (raised
-            before the warmup or any pipeline call).
+        ValueError: ``prompt`` is an empty list or ``num_inference_steps`` is below 1 (see
+            :func:`~mps_helpers._batch.check_call`), or a looped batch's per-prompt arguments
+            have mismatched lengths; raised before the warmup or any pipeline call.
         WarmupError: the one-time warmup pass failed.
         BatchError: one prompt of a looped batch failed; the prompts before it are in its
             ``completed`` attribute.
     """
+    check_call(call, args, kwargs)
     plan = getattr(pipe, "_mps_helpers_plan", None)
     # The fast path: one attribute read and five truth tests over the raw call.
     if plan is None or not (

@@ -373,6 +373,49 @@ def test_mismatched_lengths_fail_before_any_call(
     assert spy.calls == []  # neither the warmup nor a prompt ran
 
 
+@pytest.mark.parametrize(
+    ("args", "kwargs", "message"),
+    [
+        (([],), {}, "prompt is an empty list: pass at least one prompt"),
+        ((), {"prompt": []}, "prompt is an empty list: pass at least one prompt"),
+        (("x",), {"num_inference_steps": 0}, "num_inference_steps must be at least 1, got 0"),
+        (("x", 32, 32, -1), {}, "num_inference_steps must be at least 1, got -1"),
+    ],
+)
+@pytest.mark.parametrize("plan", [make_plan(), make_plan(batch_to_loop=True, warmup=True)])
+def test_arguments_no_pipeline_can_run_fail_before_any_call(
+    sd: Any, plan: Any, args: tuple[Any, ...], kwargs: dict[str, Any], message: str
+) -> None:
+    # Unprepared, diffusers ends in an IndexError (the tokenizer, for []) or a
+    # ZeroDivisionError (the scheduler, for 0 steps), after the text encoder has run.
+    spy = Spy(sd)
+    with pytest.raises(ValueError, match=message):
+        run(sd, plan, *args, spy=spy, **kwargs)
+    assert spy.calls == []  # neither the warmup nor the pipeline ran
+
+
+def test_a_prepared_pipeline_rejects_an_empty_prompt_list_and_zero_steps() -> None:
+    pipe = mps_helpers.prepare_pipeline(tiny_pipeline("sd"), device="cpu")
+    with pytest.raises(ValueError, match="prompt is an empty list"):
+        pipe([], **SIZE)
+    with pytest.raises(ValueError, match="num_inference_steps must be at least 1, got 0"):
+        pipe("a fox", height=32, width=32, num_inference_steps=0)
+
+
+def test_valid_steps_and_prompts_pass_the_check() -> None:
+    # Checked without binding: steps given by name or by position, a one-item list, and
+    # a call whose signature takes *args are all left alone.
+    def call(
+        prompt: Any = None, height: int = 0, width: int = 0, num_inference_steps: int = 1
+    ) -> str:
+        return "ran"
+
+    pipe = SimpleNamespace(_mps_helpers_plan=make_plan())
+    assert prepared_call(pipe, call, (["x"], 32, 32, 1), {}) == "ran"
+    assert prepared_call(pipe, lambda *a, **k: "ran", ([],), {}) == "ran"
+    assert prepared_call(pipe, call, (), {"prompt": "x", "num_inference_steps": True}) == "ran"
+
+
 @pytest.mark.parametrize(("prompts", "fail_at"), [(3, 1), (3, 2), (2, 0)])
 def test_a_failing_prompt_keeps_the_finished_ones(sd: Any, prompts: int, fail_at: int) -> None:
     spy = Spy(sd, fail_at=fail_at)
