@@ -12,9 +12,11 @@ from typing import TYPE_CHECKING, Literal
 from packaging.version import Version
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from mps_helpers._environment import Environment
 
-__all__ = ["LEVELS", "Finding", "check_environment", "macos_required_by_torch"]
+__all__ = ["LEVELS", "Finding", "check_environment", "macos_required_by_torch", "verdict"]
 
 Level = Literal["ok", "info", "warning", "error"]
 
@@ -93,6 +95,25 @@ def check_environment(env: Environment | None = None) -> tuple[Finding, ...]:
     findings += _memory_findings(env)
     order = {level: i for i, level in enumerate(reversed(LEVELS))}
     return tuple(sorted(findings, key=lambda f: order[f.level]))
+
+
+def verdict(env: Environment, findings: Sequence[Finding]) -> str:
+    """Return the one-line conclusion of a readiness report: where pipelines will run.
+
+    It names only what ``env`` found usable: mps, else CUDA, else the CPU; "Not ready"
+    when a finding is an error.
+    """
+    if any(f.level == "error" for f in findings):
+        return "Not ready: fix the errors above."
+    if env.mps_available and not env.is_rosetta:
+        return "Ready: diffusers can run on mps."
+    if env.cuda_available:
+        return f"Ready: mps is not available here; pipelines will run on CUDA ({_cuda_name(env)})."
+    return "Ready: neither mps nor CUDA is usable here; pipelines will run on the CPU (slowly)."
+
+
+def _cuda_name(env: Environment) -> str:
+    return env.cuda_device_name or "GPU 0"
 
 
 def _torch_findings(env: Environment) -> list[Finding]:
@@ -240,7 +261,7 @@ def _mac_findings(env: Environment) -> list[Finding]:
 def _other_machine_findings(env: Environment) -> list[Finding]:
     where = "an Intel Mac" if env.is_macos else f"{env.system or 'this system'} on {env.machine}"
     if env.cuda_available:
-        fallback = f"CUDA ({env.cuda_device_name or 'GPU 0'})"
+        fallback = f"CUDA ({_cuda_name(env)})"
         level: Literal["info"] = "info"
     else:
         fallback = "the CPU (slow: minutes per image at 512 px)"

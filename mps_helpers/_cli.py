@@ -66,7 +66,7 @@ class _UsageError(Exception):
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
-    from mps_helpers._checks import check_environment
+    from mps_helpers._checks import check_environment, verdict
     from mps_helpers._environment import detect_environment
 
     env = detect_environment()
@@ -86,12 +86,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         if f.fix:
             print(f"        fix: {f.fix}")
     print()
-    if failed:
-        print("Not ready: fix the errors above.")
-    elif env.is_apple_silicon:
-        print("Ready: diffusers can run on mps.")
-    else:
-        print("Ready: mps is not available here; pipelines will run on CUDA or the CPU.")
+    print(verdict(env, findings))
     return 1 if failed else 0
 
 

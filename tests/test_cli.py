@@ -80,6 +80,25 @@ def test_doctor_exit_status_follows_errors(
     assert ("Not ready" in out) == (status == 1)
 
 
+@pytest.mark.parametrize("name", sorted(MACHINES))
+def test_doctor_verdict_follows_what_was_found(
+    name: str, fake_machine: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = MACHINES[name]
+    fake_machine(name)  # type: ignore[operator]
+    status = _cli.main(["doctor"])
+    verdict = capsys.readouterr().out.rstrip().splitlines()[-1]
+    if status:
+        assert verdict == "Not ready: fix the errors above."
+        return
+    assert verdict.startswith("Ready: ")
+    # Only the devices that were found usable are named as where pipelines will run.
+    assert ("run on mps" in verdict) == env.mps_available
+    assert ("run on CUDA" in verdict) == env.cuda_available
+    assert ("run on the CPU" in verdict) == (not env.mps_available and not env.cuda_available)
+    assert "or the CPU" not in verdict
+
+
 def test_doctor_json_for_rosetta(fake_machine: object, capsys: pytest.CaptureFixture[str]) -> None:
     fake_machine("rosetta-m1")  # type: ignore[operator]
     assert _cli.main(["doctor", "--json"]) == 1
