@@ -160,7 +160,8 @@ def check_call(call: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[st
             names = _positional_of(call.func, len(call.args))
         else:
             names = _positional_names(inspect.signature(call))
-        given = {**dict(zip(names, args)), **kwargs}
+        # More positional arguments than names: the call takes *args, or they do not bind.
+        given = {**dict(zip(names, args, strict=False)), **kwargs}
     prompt = given.get("prompt")
     if isinstance(prompt, list) and not prompt:
         raise ValueError(

@@ -55,6 +55,30 @@ def test_usage_errors_exit_2_without_traceback(args: list[str]) -> None:
     assert "Traceback" not in done.stderr
 
 
+def test_an_unknown_option_before_the_command_is_named_with_the_commands(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        _cli.main(["--bogus"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: mps-helpers ")
+    assert "unrecognized arguments: --bogus" in err
+    assert "doctor, run or demo" in err
+
+
+@pytest.mark.parametrize("command", ["doctor", "demo"])
+def test_an_unknown_option_of_a_command_shows_that_commands_usage(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        _cli.main([command, "--bogus"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: mps-helpers {command} ")
+    assert err.rstrip().endswith(f"mps-helpers {command}: error: unrecognized arguments: --bogus")
+
+
 def test_console_script_is_declared() -> None:
     from importlib import metadata
 

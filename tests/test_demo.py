@@ -101,8 +101,52 @@ def test_a_device_this_machine_lacks_is_an_error_not_a_traceback(
         pytest.skip("mps is available here")
     assert _cli.main(["demo", "--device", "mps", "-o", str(tmp_path / "x.png")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("mps-helpers demo: device='mps' was asked for but cannot be used")
+    assert err.startswith("mps-helpers demo: error: device='mps' was asked for but cannot be used")
     assert not (tmp_path / "x.png").exists()
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith("mps-helpers demo: error: ")
+    return err
+
+
+@pytest.mark.parametrize("parent", ["missing", "a-file"])
+def test_an_output_that_cannot_be_written_is_one_line_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], parent: str
+) -> None:
+    (tmp_path / "a-file").write_text("", encoding="utf-8")
+    output = tmp_path / parent / "x.png"
+    assert _cli.main(["demo", "--output", str(output), "--steps", "1"]) == 1
+    err = one_line_error(capsys)
+    assert f"cannot save the image to {output}" in err
+    assert "pass another --output" in err
+
+
+def test_a_failed_save_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    output = tmp_path / "taken.png"
+    output.mkdir()  # a directory where the file should go: the check passes, the save fails
+    assert _cli.main(["demo", "--output", str(output), "--steps", "1"]) == 1
+    err = one_line_error(capsys)
+    assert f"cannot save the image to {output}" in err
+
+
+@pytest.mark.parametrize("model", ["/nonexistent/model", "./not/here", "~/no-model-here"])
+def test_a_model_path_that_does_not_exist_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], model: str
+) -> None:
+    assert _cli.main(["demo", "--model", model, "-o", str(tmp_path / "x.png")]) == 1
+    err = one_line_error(capsys)
+    assert f"no model at {model!r}" in err
+    assert "Hub id" in err
+
+
+def test_a_directory_that_is_not_a_model_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _cli.main(["demo", "--model", str(tmp_path), "-o", str(tmp_path / "x.png")]) == 1
+    assert "model_index.json" in one_line_error(capsys)
 
 
 def test_the_readmes_first_command_in_a_fresh_process(tmp_path: Path) -> None:
