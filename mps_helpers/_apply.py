@@ -36,6 +36,7 @@ from mps_helpers._plan import (
     upcasts_vae_itself,
     validate_options,
 )
+from mps_helpers._quiet import quiet
 
 if TYPE_CHECKING:
     import torch
@@ -299,7 +300,8 @@ def _move_and_cast(pipe: Any, plan: Plan) -> None:
         if _is_quantized(module):
             logger.info("%s: %s is quantized; its dtype is left as it is", _name(pipe), name)
             continue
-        module.to(dtype=target)
+        with quiet("empty-fp32-list"):
+            module.to(dtype=target)
         logger.info("%s: %s cast from %s to %s", _name(pipe), name, current, target)
 
 

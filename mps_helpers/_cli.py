@@ -149,10 +149,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise _UsageError(f"can't open file {args.script!r}: no such file or directory")
 
     from mps_helpers._auto import auto_prepare
+    from mps_helpers._quiet import quiet
 
     try:
         scope = auto_prepare(**_plan_options(args))
-        scope.__enter__()
+        with quiet("torchvision-fallback"):  # entering imports diffusers' pipelines
+            scope.__enter__()
     except (TypeError, ValueError) as error:
         raise _UsageError(str(error)) from None
     except ImportError as error:  # diffusers (or torch) is not installed

@@ -55,6 +55,14 @@ def demo_pipeline(model: str | None, options: Mapping[str, Any]) -> Any:
         OSError: the model cannot be loaded (diffusers' message).
         ValueError: an option's value is invalid.
     """
+    from mps_helpers._quiet import quiet
+
+    # diffusers' pipelines import CLIPImageProcessor: no torchvision notice for the demo.
+    with quiet("torchvision-fallback"):
+        return _build(model, options)
+
+
+def _build(model: str | None, options: Mapping[str, Any]) -> Any:
     from mps_helpers._apply import load_pipeline, prepare_pipeline
 
     if model is not None:

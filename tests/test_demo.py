@@ -163,3 +163,57 @@ def test_the_readmes_first_command_in_a_fresh_process(tmp_path: Path) -> None:
     assert (tmp_path / "mps_helpers_demo.png").is_file()
     assert "Plan: " in done.stdout
     assert "Traceback" not in done.stderr
+
+
+NOISE = ("that should be kept in float32: []", "requires torchvision (not installed)")
+
+
+def test_a_real_process_prints_no_third_party_noise(tmp_path: Path) -> None:
+    # --dtype bfloat16: the cast that makes diffusers log its empty float32-modules list
+    # happens on every CPU, not only on one with native bfloat16.
+    command = ["demo", "--output", "tmp.png", "--steps", "1", "--dtype", "bfloat16"]
+    done = subprocess.run(
+        [sys.executable, "-m", "mps_helpers", *command],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=tmp_path,
+        env=one_thread_env(),
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "tmp.png").is_file()
+    for line in NOISE:
+        assert line not in done.stderr
+
+
+def test_the_noise_filter_lets_real_warnings_through() -> None:
+    import logging
+
+    from mps_helpers._quiet import NOISE as PATTERNS
+    from mps_helpers._quiet import quiet
+
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    tail = (
+        "Casting directly with `to()` can lead to inconsistent results; set `torch_dtype` "
+        "in `from_pretrained()` instead to keep these modules in float32."
+    )
+    empty = f"There are modules in UNet2DConditionModel that should be kept in float32: []. {tail}"
+    real = f"There are modules in T5EncoderModel that should be kept in float32: ['wo']. {tail}"
+    logger = logging.getLogger(PATTERNS["empty-fp32-list"][0])
+    handler = Keep()
+    logger.addHandler(handler)
+    try:
+        with quiet("empty-fp32-list"):
+            logger.warning(empty)
+            logger.warning(real)
+            logger.warning("any other warning")
+        logger.warning(empty)  # the scope has ended
+    finally:
+        logger.removeHandler(handler)
+    assert seen == [real, "any other warning", empty]
