@@ -147,3 +147,22 @@ def test_downstream_tests_pass_under_pytest(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "6 passed" in done.stdout
+
+
+def test_multi_gpu_runs_offline_without_a_model_argument(tmp_path: Path) -> None:
+    # A subprocess, offline: with no --model the example must not reach for the Hub.
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "multi_gpu.py"), "--steps", "2", "--prompts", "2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        cwd=tmp_path,
+        env={**one_thread_env(), "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert sorted(p.name for p in (tmp_path / "multi-gpu-images").iterdir()) == [
+        "000.png",
+        "001.png",
+    ]
