@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -22,12 +23,14 @@ if TYPE_CHECKING:
 __all__ = [
     "EMBEDDING_KEYS",
     "IMAGE_KEYS",
+    "LOOP_TOLERANCE",
     "PROMPT_KEYS",
     "BoundCall",
     "batch_size",
     "bind_call",
     "call_signature",
     "check_call",
+    "loop_tolerance",
     "merge_outputs",
     "merge_values",
     "split_batch",
@@ -62,6 +65,47 @@ IMAGE_KEYS: tuple[str, ...] = (
 )
 """Image inputs of img2img / inpaint / ControlNet / depth pipelines: one per prompt, or one
 for all (a single image, a one-item list, or a batch dimension of 1)."""
+
+LOOP_TOLERANCE: Mapping[str, float] = MappingProxyType(
+    {"float32": 1e-4, "float16": 4e-3, "bfloat16": 3.2e-2}
+)
+"""How far a looped batch may be from the batched call, per compute dtype: the largest
+absolute pixel difference, images in [0, 1], with a list of generators (or one generator
+and a deterministic scheduler). Not bit-equal because kernels sum in an order that depends
+on the batch size, and each dtype rounds those sums at its own precision; float16 and
+bfloat16 allow four steps of their precision at 1 (2**-10 and 2**-7). Measured with
+``tests/benchmarks/loop_exactness.py``; docs/explanation/batch-and-warmup.md has the
+figures."""
+
+
+def loop_tolerance(dtype: Any) -> float:
+    """Return how far a looped batch may be from the batched call in ``dtype``.
+
+    The figure is the largest absolute pixel difference, images in [0, 1], between a
+    prepared pipeline's looped batch (``batch_to_loop``) and the batched call, given a list
+    of generators (or one generator and a deterministic scheduler): 1e-4 in float32, 4e-3
+    in float16, 3.2e-2 in bfloat16 (four steps of each half-precision dtype at 1). Use it
+    to compare the two, as ``examples/several_prompts.py --check`` does::
+
+        >>> from mps_helpers import loop_tolerance
+        >>> loop_tolerance("float32")
+        0.0001
+
+    Args:
+        dtype: a ``torch.dtype`` (``plan_of(pipe).dtype``) or its name.
+
+    Raises:
+        ValueError: ``dtype`` is not one of the dtypes a plan chooses.
+
+    .. versionadded:: 0.1
+    """
+    name = str(dtype).removeprefix("torch.")
+    tolerance = LOOP_TOLERANCE.get(name)
+    if tolerance is None:
+        choices = ", ".join(LOOP_TOLERANCE)
+        raise ValueError(f"dtype must be one of {choices} (or torch's), got {dtype!r}")
+    return tolerance
+
 
 # Masks may come as (batch, height, width) tensors: diffusers' mask processor reads a 3-D
 # mask as a batch of grayscale masks, while a 3-D image is a single (channels, h, w) image.

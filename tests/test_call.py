@@ -2,8 +2,9 @@
 
 Most tests drive :func:`mps_helpers._call.prepared_call` directly with a hand-made plan (any
 object with the Plan fields), on real tiny pipelines from :mod:`mps_helpers.testing`, and
-compare with the pipeline's own batched call. Equivalence is "max abs difference <= 1e-4" on
-images in [0, 1] (PIL images are divided by 255), per EVIDENCE.md's batch-versus-loop figures.
+compare with the pipeline's own batched call. Equivalence is "max abs difference within
+``mps_helpers.loop_tolerance(dtype)``" (1e-4 in float32) on images in [0, 1] (PIL images are
+divided by 255), the figures of docs/explanation/batch-and-warmup.md.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from mps_helpers.testing import tiny_pipeline
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
-TOLERANCE = 1e-4
+TOLERANCE = mps_helpers.loop_tolerance("float32")
 SIZE = {"height": 32, "width": 32, "num_inference_steps": 2}
 
 
@@ -137,6 +138,25 @@ def test_loop_equals_batch_with_a_generator_list(
     if output_type != "pil":
         assert looped.images.shape == batched.images.shape
     assert max_diff(looped.images, batched.images) <= TOLERANCE
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_loop_is_within_the_dtypes_tolerance(dtype: str) -> None:
+    # What loop_tolerance promises, in each dtype a plan chooses (measured far inside it on
+    # this CPU: tests/benchmarks/loop_exactness.py).
+    pipe = tiny_pipeline("sd").to(getattr(torch, dtype))
+    options = {"output_type": "np", **SIZE}
+    batched = pipe(PROMPTS, generator=generators(2), **options)
+    looped = run(pipe, LOOP, PROMPTS, generator=generators(2), **options)
+    assert max_diff(looped.images, batched.images) <= mps_helpers.loop_tolerance(dtype)
+
+
+def test_loop_tolerance_reads_dtypes_and_names() -> None:
+    assert mps_helpers.loop_tolerance(torch.bfloat16) == mps_helpers.loop_tolerance("bfloat16")
+    tolerances = [mps_helpers.loop_tolerance(d) for d in ("float32", "float16", "bfloat16")]
+    assert tolerances == sorted(tolerances)  # coarser dtypes round more
+    with pytest.raises(ValueError, match="dtype must be one of float32, float16, bfloat16"):
+        mps_helpers.loop_tolerance(torch.float64)
 
 
 def test_the_equivalence_check_would_see_wrongly_split_generators(sd: Any) -> None:
