@@ -14,7 +14,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
+
+from mps_helpers._util import dtype_name
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
@@ -22,11 +25,14 @@ if TYPE_CHECKING:
 __all__ = [
     "EMBEDDING_KEYS",
     "IMAGE_KEYS",
+    "LOOP_TOLERANCE",
     "PROMPT_KEYS",
     "BoundCall",
     "batch_size",
     "bind_call",
     "call_signature",
+    "check_call",
+    "loop_tolerance",
     "merge_outputs",
     "merge_values",
     "split_batch",
@@ -61,6 +67,47 @@ IMAGE_KEYS: tuple[str, ...] = (
 )
 """Image inputs of img2img / inpaint / ControlNet / depth pipelines: one per prompt, or one
 for all (a single image, a one-item list, or a batch dimension of 1)."""
+
+LOOP_TOLERANCE: Mapping[str, float] = MappingProxyType(
+    {"float32": 1e-4, "float16": 4e-3, "bfloat16": 3.2e-2}
+)
+"""How far a looped batch may be from the batched call, per compute dtype: the largest
+absolute pixel difference, images in [0, 1], with a list of generators (or one generator
+and a deterministic scheduler). Not bit-equal because kernels sum in an order that depends
+on the batch size, and each dtype rounds those sums at its own precision; float16 and
+bfloat16 allow four steps of their precision at 1 (2**-10 and 2**-7). Measured with
+``tests/benchmarks/loop_exactness.py``; docs/explanation/batch-and-warmup.md has the
+figures."""
+
+
+def loop_tolerance(dtype: Any) -> float:
+    """Return how far a looped batch may be from the batched call in ``dtype``.
+
+    The figure is the largest absolute pixel difference, images in [0, 1], between a
+    prepared pipeline's looped batch (``batch_to_loop``) and the batched call, given a list
+    of generators (or one generator and a deterministic scheduler): 1e-4 in float32, 4e-3
+    in float16, 3.2e-2 in bfloat16 (four steps of each half-precision dtype at 1). Use it
+    to compare the two, as ``examples/several_prompts.py --check`` does::
+
+        >>> from mps_helpers import loop_tolerance
+        >>> loop_tolerance("float32")
+        0.0001
+
+    Args:
+        dtype: a ``torch.dtype`` (``plan_of(pipe).dtype``) or its name.
+
+    Raises:
+        ValueError: ``dtype`` is not one of the dtypes a plan chooses.
+
+    .. versionadded:: 0.1
+    """
+    name = dtype_name(dtype)
+    tolerance = LOOP_TOLERANCE.get(name)
+    if tolerance is None:
+        choices = ", ".join(LOOP_TOLERANCE)
+        raise ValueError(f"dtype must be one of {choices} (or torch's), got {dtype!r}")
+    return tolerance
+
 
 # Masks may come as (batch, height, width) tensors: diffusers' mask processor reads a 3-D
 # mask as a batch of grayscale masks, while a 3-D image is a single (channels, h, w) image.
@@ -130,6 +177,45 @@ def bind_call(
         default = None if parameter is None else parameter.default
         per_prompt = default if isinstance(default, int) else 1
     return BoundCall(kwargs=flat, num_images_per_prompt=int(per_prompt))
+
+
+@functools.cache
+def _positional_of(func: Callable[..., Any], skip: int) -> tuple[str, ...]:
+    return _positional_names(_signature_of(func, skip))
+
+
+def _positional_names(signature: inspect.Signature) -> tuple[str, ...]:
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(name for name, p in signature.parameters.items() if p.kind in kinds)
+
+
+def check_call(call: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+    """Raise ValueError for arguments that no pipeline can run, before any work is done.
+
+    Checks an empty ``prompt`` list and a ``num_inference_steps`` below 1, whether given by
+    name or by position; anything else is left to the pipeline. Cheap enough for every
+    call: no binding, a cached look-up of the positional parameters' names.
+
+    Raises:
+        ValueError: ``prompt`` is an empty list, or ``num_inference_steps`` is an int < 1.
+    """
+    given: Mapping[str, Any] = kwargs
+    # Positional arguments are named only where one could matter: pipe("a fox") costs nothing.
+    if len(args) > 1 or (args and isinstance(args[0], list) and not args[0]):
+        if isinstance(call, functools.partial) and not call.keywords:
+            names = _positional_of(call.func, len(call.args))
+        else:
+            names = _positional_names(inspect.signature(call))
+        # More positional arguments than names: the call takes *args, or they do not bind.
+        given = {**dict(zip(names, args, strict=False)), **kwargs}
+    prompt = given.get("prompt")
+    if isinstance(prompt, list) and not prompt:
+        raise ValueError(
+            "prompt is an empty list: pass at least one prompt (a string, or a list of strings)"
+        )
+    steps = given.get("num_inference_steps")
+    if isinstance(steps, int) and not isinstance(steps, bool) and steps < 1:
+        raise ValueError(f"num_inference_steps must be at least 1, got {steps}")
 
 
 def _rows(value: object) -> int | None:

@@ -31,6 +31,7 @@ from mps_helpers._batch import (
     BoundCall,
     batch_size,
     bind_call,
+    check_call,
     merge_outputs,
     split_batch,
 )
@@ -90,12 +91,14 @@ def prepared_call(
             prepared class passes :func:`mps_helpers._apply.apply_plan`); None: no retry.
 
     Raises:
-        ValueError: a looped batch's per-prompt arguments have mismatched lengths (raised
-            before the warmup or any pipeline call).
+        ValueError: ``prompt`` is an empty list or ``num_inference_steps`` is below 1 (see
+            :func:`~mps_helpers._batch.check_call`), or a looped batch's per-prompt arguments
+            have mismatched lengths; raised before the warmup or any pipeline call.
         WarmupError: the one-time warmup pass failed.
         BatchError: one prompt of a looped batch failed; the prompts before it are in its
             ``completed`` attribute.
     """
+    check_call(call, args, kwargs)
     # The fast path: one attribute read (the marker, see _markers.attached_plan) and five
     # truth tests over the raw call.
     plan: Plan | None = getattr(pipe, PLAN_ATTR, None)

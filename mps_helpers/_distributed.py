@@ -209,8 +209,8 @@ def _process_state() -> Any:
     except ImportError:
         warnings.warn(
             f"this process is one of {launched} that a launcher started, but accelerate is not "
-            "installed: each process runs every prompt. Install the distributed extra "
-            '(pip install "mps_helpers[distributed]") to share the prompts between them.',
+            "installed: each process runs every prompt. Install accelerate (the distributed "
+            'extra: pip install "accelerate>=0.20") to share the prompts between them.',
             RuntimeWarning,
             stacklevel=3,
         )

@@ -19,8 +19,9 @@ the printable ASCII characters and maps the rest to ``<unk>``. Every text encode
 ``local_files_only=True``. Tested with transformers 5.24 + diffusers 0.42 and with
 transformers 4.57 + diffusers 0.35.
 
-This module needs the ``testing`` extra (``pip install "mps_helpers[testing]"``, which brings
-transformers); importing it without transformers raises ImportError saying so.
+This module needs the ``testing`` extra, which brings transformers (from a clone:
+``pip install ".[testing]"``, or ``pip install "transformers>=4.30"``); importing it without
+transformers raises ImportError saying so.
 
 .. versionadded:: 0.1
 """
@@ -38,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 if importlib.util.find_spec("transformers") is None:
     raise ImportError(
         "mps_helpers.testing needs transformers, which is not installed: "
-        'install the testing extra with pip install "mps_helpers[testing]"',
+        'pip install "transformers>=4.30" (the testing extra)',
         name="transformers",
     )
 

@@ -32,6 +32,8 @@ LAYERS: dict[str, int] = {
     "_markers": 0,
     "_util": 0,
     "_version": 0,
+    # scoped filters for third-party log lines that say nothing
+    "_quiet": 0,
     # thin I/O probes and their pure parsers
     "_probes": 1,
     # the environment snapshot
