@@ -213,20 +213,43 @@ def _warmup_steps(pipe: Any) -> tuple[int, str]:
     return steps, why
 
 
+def _stand_in(scheduler: Any) -> Any:
+    """Return a fresh scheduler for the warmup: diffusers' own class, from the same config.
+
+    The nearest diffusers class of its lineage, so that a step counter patched onto the
+    caller's scheduler (or onto a subclass of it) does not count the warmup's steps; a
+    deep copy for a scheduler that is no diffusers class at all.
+    """
+    for cls in type(scheduler).__mro__:
+        if cls.__module__.startswith("diffusers.") and hasattr(cls, "from_config"):
+            with contextlib.suppress(Exception):
+                return cls.from_config(scheduler.config)
+            break
+    return copy.deepcopy(scheduler)
+
+
 @contextlib.contextmanager
 def _schedulers_kept(pipe: Any) -> Iterator[None]:
-    """Put every scheduler's state back afterwards, as it was before the block.
+    """Run the block with stand-ins for every scheduler, then put the pipeline's own back.
 
-    Schedulers keep per-call state (timesteps, step index, a multistep solver's history):
-    the real call must start from the state it would have had with no warmup.
+    Schedulers keep per-call state (timesteps, step index, a multistep solver's history, a
+    counter of steps): the pipeline's own are never touched by the warmup, so the real call
+    starts from the state it would have had without one. Attributes are swapped in the
+    instances' dictionaries, so that no pipeline config is rewritten.
     """
-    saved = [(scheduler, copy.deepcopy(vars(scheduler))) for scheduler in _schedulers(pipe)]
+    stand_ins = {id(scheduler): _stand_in(scheduler) for scheduler in _schedulers(pipe)}
+    swapped: list[tuple[dict[str, Any], str, Any]] = []
+    for each in (pipe, *sub_pipelines(pipe)):
+        state = vars(each)
+        for name, value in list(state.items()):
+            if id(value) in stand_ins:
+                swapped.append((state, name, value))
+                state[name] = stand_ins[id(value)]
     try:
         yield
     finally:
-        for scheduler, state in saved:
-            vars(scheduler).clear()
-            vars(scheduler).update(state)
+        for state, name, value in swapped:
+            state[name] = value
 
 
 def _run(pipe: Any, call: Callable[..., Any], kwargs: Mapping[str, Any]) -> None:

@@ -406,3 +406,29 @@ def test_the_warmup_leaves_the_schedulers_state_as_it_found_it() -> None:
     assert pipe.scheduler.steps_taken == plain.scheduler.steps_taken == 2
     assert pipe.scheduler.history == plain.scheduler.history
     assert torch.equal(pipe.scheduler.timesteps, plain.scheduler.timesteps)
+
+
+def test_a_step_counter_patched_onto_the_scheduler_class_sees_no_warmup_step() -> None:
+    # As diffusers' SDXL mixture-of-denoisers test counts: a subclass whose step is patched.
+    import diffusers
+
+    seen: list[int] = []
+
+    class Counted(diffusers.EulerDiscreteScheduler):  # type: ignore[misc]
+        pass
+
+    original = Counted.step
+
+    def step(self: Any, model_output: Any, timestep: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(int(timestep))
+        return original(self, model_output, timestep, *args, **kwargs)
+
+    Counted.step = step
+    pipe = tiny_pipeline("sdxl")
+    pipe.scheduler = Counted.from_config(pipe.scheduler.config)
+    mps_helpers.prepare_pipeline(pipe, device="cpu", warmup=True, batch_to_loop=False)
+    pipe("a", output_type="latent", **SIZE)
+    assert seen == [int(t) for t in pipe.scheduler.timesteps]
+    assert len(seen) == 2
+    assert type(pipe.scheduler) is Counted
+    assert pipe.config["scheduler"][1] == "Counted"
