@@ -36,11 +36,14 @@ from typing import TYPE_CHECKING, Any
 
 from mps_helpers._batch import batch_size, bind_call, merge_outputs, merge_values, split_batch
 from mps_helpers._errors import BatchError, DistributedGenerationError
+from mps_helpers._per_prompt import control_nets
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
     import torch
+
+    from mps_helpers._per_prompt import CallRoles
 
 __all__ = ["GATHER_CHOICES", "collect", "generate", "launched_processes", "share_kwargs"]
 
@@ -139,7 +142,9 @@ def generate(
     if state is None:
         _prepare_for(pipe, None)
         return pipe(**kwargs)
-    return _generate_share(pipe, kwargs, state, per_prompt=per_prompt, to_all=gather == "all")
+    return _generate_share(
+        pipe, kwargs, state, per_prompt=per_prompt, to_all=gather == "all", roles=bound.roles
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -266,11 +271,17 @@ class _Share:
 
 
 def _generate_share(
-    pipe: Any, kwargs: dict[str, Any], state: Any, *, per_prompt: int, to_all: bool
+    pipe: Any,
+    kwargs: dict[str, Any],
+    state: Any,
+    *,
+    per_prompt: int,
+    to_all: bool,
+    roles: CallRoles,
 ) -> Any:
     """Run this process's share of the prompts and return the gathered result (or None)."""
     processes = int(state.num_processes)
-    prompts = batch_size(kwargs)
+    prompts = batch_size(kwargs, roles)
     generator = kwargs.get("generator")
     if generator is not None and not isinstance(generator, list):
         raise ValueError(
@@ -287,11 +298,11 @@ def _generate_share(
             UserWarning,
             stacklevel=3,
         )
-    controlnet = getattr(pipe, "controlnet", None)
-    multi_control = controlnet is not None and hasattr(controlnet, "nets")
+    nets = control_nets(pipe)
+    multi_control = nets > 0
     # Validates every per-prompt length, on every process alike, before any work.
     items = split_batch(
-        kwargs, prompts, num_images_per_prompt=per_prompt, multi_control=multi_control
+        kwargs, prompts, num_images_per_prompt=per_prompt, multi_control=nets, roles=roles
     )
     with state.split_between_processes(list(range(prompts))) as mine:
         indices = tuple(int(i) for i in mine)
@@ -351,8 +362,14 @@ def share_kwargs(
         parts = [items[i][name] for i in indices]
         if all(part is value for part in parts):
             share[name] = value
-        elif multi_control and name in ("image", "control_image") and isinstance(value, list):
-            # One entry per ControlNet, each split on its own (or shared by every prompt).
+        elif (
+            multi_control
+            and name in ("image", "control_image")
+            and isinstance(value, list)
+            and not any(isinstance(entry, list) for entry in value)
+        ):
+            # One entry per ControlNet, each split on its own (or shared by every prompt); a
+            # nested list (one list per prompt) is joined back as any list.
             share[name] = [
                 entry
                 if all(part[j] is entry for part in parts)
