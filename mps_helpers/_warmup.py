@@ -324,14 +324,16 @@ def _unprepared_call(pipe: Any) -> Callable[..., Any]:
 def warmup(pipe: Any, **call_kwargs: Any) -> None:
     """Run the one-time warmup pass on ``pipe`` now, for a call with ``call_kwargs``.
 
-    Runs one throw-away pass of the pipeline with ``num_inference_steps=1``, at the size
-    (``height``, ``width``) and with the inputs given in ``call_kwargs`` (the first prompt's,
-    for a batch; ``prompt=""`` when no prompt is given), and discards it. Useful to load
+    Runs one throw-away pass of the pipeline with ``num_inference_steps=1`` (or the fewest
+    steps its schedulers accept), at the size (``height``, ``width``) and with the inputs
+    given in ``call_kwargs`` (the first prompt's, for a batch; ``prompt=""`` when no prompt
+    is given), and discards it. Useful to load
     and compile kernels before timing. Works on prepared and plain pipelines; a prepared
     pipeline's first call then does not warm up again on the same device and dtype.
 
-    The pass draws from its own generator: the user's generators and torch's global random
-    state are left as they were, and later results are what they would have been without it.
+    The pass draws from its own generator and steps stand-in schedulers: the user's
+    generators, the pipeline's schedulers and torch's global random state are left as they
+    were, and later results are what they would have been without it.
 
     Example::
 
