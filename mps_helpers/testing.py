@@ -266,10 +266,11 @@ def _text_config(tokenizer: Any, **sizes: Any) -> Any:
 # every kind defaults to 64 px.
 
 
-def _sd_unet(in_channels: int = 4) -> Any:
+def _sd_unet(in_channels: int = 4, **extra: Any) -> Any:
     diffusers = _diffusers()
 
     return diffusers.UNet2DConditionModel(
+        **extra,
         block_out_channels=(32, 64),
         layers_per_block=2,
         sample_size=32,
@@ -375,6 +376,27 @@ def _build_sdxl() -> Any:
     )
 
 
+def _flow_vae(*, channels: tuple[int, int], latent_channels: int) -> Any:
+    """Return the 2-block VAE of SD3 and Flux (no quant convs, their shift and scale)."""
+    diffusers = _diffusers()
+
+    return diffusers.AutoencoderKL(
+        sample_size=64,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=channels,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+
+
 def _build_sd3() -> Any:
     diffusers = _diffusers()
     transformers = _transformers()
@@ -394,21 +416,7 @@ def _build_sd3() -> Any:
         pooled_projection_dim=64,
         out_channels=4,
     )
-    vae = diffusers.AutoencoderKL(
-        sample_size=64,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=1,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
-    )
+    vae = _flow_vae(channels=(8, 16), latent_channels=4)
     tokenizer = _tokenizer()
     tokenizer_2 = _tokenizer()
     text_encoder = transformers.CLIPTextModelWithProjection(_text_config(tokenizer))
@@ -484,21 +492,7 @@ def _build_flux() -> Any:
         pooled_projection_dim=32,  # the CLIP encoder's
         axes_dims_rope=(4, 4, 8),
     )
-    vae = diffusers.AutoencoderKL(
-        sample_size=64,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(4, 8),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        layers_per_block=1,
-        latent_channels=1,
-        norm_num_groups=1,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
-    )
+    vae = _flow_vae(channels=(4, 8), latent_channels=1)
     tokenizer = _tokenizer()
     tokenizer_2 = _t5_tokenizer()
     pipe = diffusers.FluxPipeline(

@@ -25,6 +25,11 @@ if TYPE_CHECKING:
 PROMPTS = ("a red fox in the snow", "a blue whale", "a green cone")
 
 
+def _both_prompt_and_embeds(pipe: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Arguments that give a prompt and its embeddings at once: diffusers refuses both."""
+    return {"prompt_embeds": torch.zeros(1, 4, 32)}
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     """One pipeline family of the suite.
@@ -38,7 +43,8 @@ class Family:
         output_types: the ``output_type`` values the family returns (the first: default).
         embed: returns the precomputed-embedding arguments that replace the prompts of a
             batch's arguments (None: the family takes no embeddings).
-        refused: arguments added to a call that the pipeline refuses with ValueError.
+        refused: arguments added to a call that the pipeline refuses with ValueError
+            (default: a prompt's embeddings besides the prompt; None: no such call).
         atol: the tolerance of "the same result" (batch against single calls).
         output_is_latents: ``output_type="latent"`` returns the denoising loop's latents (not
             so for LCM, which returns its denoised estimate).
@@ -55,7 +61,7 @@ class Family:
     batched: tuple[str, ...] = ("prompt",)
     output_types: tuple[str, ...] = ("np", "pt", "pil", "latent")
     embed: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None
-    refused: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None
+    refused: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = _both_prompt_and_embeds
     atol: float = 1e-4
     output_is_latents: bool = True
     exempt: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -121,9 +127,12 @@ def _text(i: int, **extra: Any) -> dict[str, Any]:
     return {"prompt": PROMPTS[i], "num_inference_steps": 2, **extra}
 
 
-def _both_prompt_and_embeds(pipe: Any, inputs: dict[str, Any]) -> dict[str, Any]:
-    """Arguments that give a prompt and its embeddings at once: diffusers refuses both."""
-    return {"prompt_embeds": torch.zeros(1, 4, 32)}
+def _small(i: int) -> dict[str, Any]:
+    return _text(i, height=32, width=32)
+
+
+def _small_t5(i: int) -> dict[str, Any]:
+    return _text(i, height=32, width=32, max_sequence_length=16)
 
 
 def _diffusers() -> Any:
@@ -205,17 +214,7 @@ def _multi_control_combine(name: str, values: list[Any]) -> Any:
 def _build_lcm() -> Any:
     diffusers = _diffusers()
     components = testing._sd_components()
-    components["unet"] = diffusers.UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        time_cond_proj_dim=32,  # LCM embeds the guidance scale
-    )
+    components["unet"] = testing._sd_unet(time_cond_proj_dim=32)  # embeds the guidance
     components["scheduler"] = diffusers.LCMScheduler.from_config(components["scheduler"].config)
     components.pop("requires_safety_checker")
     return diffusers.LatentConsistencyModelPipeline(**components, requires_safety_checker=False)
@@ -680,9 +679,8 @@ FAMILIES: tuple[Family, ...] = (
         "sd",
         "StableDiffusionPipeline",
         _tiny("sd"),
-        lambda i: _text(i, height=32, width=32),
+        _small,
         embed=_sd_embed,
-        refused=_both_prompt_and_embeds,
     ),
     Family(
         "sd-img2img",
@@ -691,7 +689,6 @@ FAMILIES: tuple[Family, ...] = (
         _sd_img2img_inputs,
         batched=("prompt", "image"),
         embed=_sd_embed,
-        refused=_both_prompt_and_embeds,
     ),
     Family(
         "sd-inpaint",
@@ -700,15 +697,13 @@ FAMILIES: tuple[Family, ...] = (
         _sd_inpaint_inputs,
         batched=("prompt", "image", "mask_image"),
         embed=_sd_embed,
-        refused=_both_prompt_and_embeds,
     ),
     Family(
         "sdxl",
         "StableDiffusionXLPipeline",
         _tiny("sdxl"),
-        lambda i: _text(i, height=32, width=32),
+        _small,
         embed=_sdxl_embed,
-        refused=_both_prompt_and_embeds,
     ),
     Family(
         "sdxl-img2img",
@@ -717,7 +712,6 @@ FAMILIES: tuple[Family, ...] = (
         _sd_img2img_inputs,
         batched=("prompt", "image"),
         embed=_sdxl_embed,
-        refused=_both_prompt_and_embeds,
     ),
     Family(
         "controlnet",
@@ -726,7 +720,6 @@ FAMILIES: tuple[Family, ...] = (
         lambda i: _text(i, image=_image(i), height=32, width=32),
         batched=("prompt", "image"),
         embed=_sd_embed,
-        refused=_both_prompt_and_embeds,
     ),
     Family(
         "multi-controlnet",
@@ -735,24 +728,21 @@ FAMILIES: tuple[Family, ...] = (
         lambda i: _text(i, image=[_image(i), _image(10 + i)], height=32, width=32),
         batched=("prompt", "image"),
         embed=_sd_embed,
-        refused=_both_prompt_and_embeds,
         combine=_multi_control_combine,
     ),
     Family(
         "sd3",
         "StableDiffusion3Pipeline",
         _tiny("sd3"),
-        lambda i: _text(i, height=32, width=32, max_sequence_length=16),
+        _small_t5,
         embed=_sd3_embed,
-        refused=_both_prompt_and_embeds,
     ),
     Family(
         "flux",
         "FluxPipeline",
         _tiny("flux"),
-        lambda i: _text(i, height=32, width=32, max_sequence_length=16),
+        _small_t5,
         embed=_flux_embed,
-        refused=_both_prompt_and_embeds,
     ),
     Family(
         "pixart",
@@ -760,15 +750,13 @@ FAMILIES: tuple[Family, ...] = (
         _seeded(_build_pixart),
         lambda i: _text(i, height=32, width=32, **_PIXART),
         embed=_pixart_embed,
-        refused=_both_prompt_and_embeds,
     ),
     Family(
         "lcm",
         "LatentConsistencyModelPipeline",
         _seeded(_build_lcm),
-        lambda i: _text(i, height=32, width=32),
+        _small,
         embed=_lcm_embed,
-        refused=_both_prompt_and_embeds,
         output_is_latents=False,
     ),
     Family(
@@ -777,7 +765,6 @@ FAMILIES: tuple[Family, ...] = (
         _seeded(_build_animatediff),
         lambda i: _text(i, height=16, width=16, num_frames=2),
         embed=_sd_embed,
-        refused=_both_prompt_and_embeds,
         exempt={
             "num_per_prompt": "AnimateDiffPipeline.__call__ sets num_videos_per_prompt = 1 "
             "itself: one video per prompt whatever the caller asks (diffusers' common test "
@@ -798,6 +785,7 @@ FAMILIES: tuple[Family, ...] = (
         _seeded(_build_kandinsky_decoder),
         _image_embeds,
         batched=("image_embeds", "negative_image_embeds"),
+        refused=None,
     ),
     Family(
         "kandinsky22-combined",
@@ -814,7 +802,6 @@ FAMILIES: tuple[Family, ...] = (
         lambda i: _text(i, height=128, width=128),
         output_types=("pt", "np"),
         embed=_wuerstchen_embed,
-        refused=_both_prompt_and_embeds,
         # its batch and single calls differ by ~0.03 with guidance (diffusers' own test of
         # the prior allowed 0.3)
         atol=0.05,
@@ -832,7 +819,6 @@ FAMILIES: tuple[Family, ...] = (
         # that a batch's latents are not its prompts' alone (by ~1, at waveforms of ~1e-5)
         output_types=("np", "pt"),
         embed=_audioldm2_embed,
-        refused=_both_prompt_and_embeds,
     ),
     Family(
         "stable-audio",
@@ -841,7 +827,6 @@ FAMILIES: tuple[Family, ...] = (
         _text,
         output_types=("pt", "np", "latent"),
         embed=_stable_audio_embed,
-        refused=_both_prompt_and_embeds,
     ),
     Family(
         "wan",
@@ -851,7 +836,6 @@ FAMILIES: tuple[Family, ...] = (
             i, height=16, width=16, num_frames=5, max_sequence_length=16, negative_prompt="dull"
         ),
         embed=_wan_embed,
-        refused=_both_prompt_and_embeds,
     ),
 )
 
