@@ -151,6 +151,8 @@ def roles_of(signature: inspect.Signature) -> CallRoles:
     if known is not None and known[0] is signature:
         return known[1]
     roles = _derive(signature)
+    if len(_roles_cache) >= _CACHE_SIZE:
+        _roles_cache.clear()  # signatures made afresh on each call (no partial) must not pile up
     _roles_cache[id(signature)] = (signature, roles)
     return roles
 
@@ -158,6 +160,7 @@ def roles_of(signature: inspect.Signature) -> CallRoles:
 # id -> (signature, roles): signatures hold unhashable defaults (lists), so they cannot be
 # dict keys themselves; the stored signature keeps its id from being reused.
 _roles_cache: dict[int, tuple[inspect.Signature, CallRoles]] = {}
+_CACHE_SIZE = 512
 
 
 def _derive(signature: inspect.Signature) -> CallRoles:

@@ -169,6 +169,14 @@ def test_roles_are_derived_once_per_signature() -> None:
     assert roles_of(signature) is roles_of(signature)
 
 
+def test_signatures_made_afresh_do_not_pile_up_in_the_cache() -> None:
+    from mps_helpers import _per_prompt
+
+    for _ in range(_per_prompt._CACHE_SIZE + 10):
+        roles_of(inspect.signature(_OldStyle.__call__))
+    assert len(_per_prompt._roles_cache) <= _per_prompt._CACHE_SIZE
+
+
 @pytest.mark.parametrize(
     ("kwargs", "expected"),
     [
