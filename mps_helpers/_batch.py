@@ -4,9 +4,10 @@ Nothing here touches a pipeline or a device. :func:`split_batch` turns the keywo
 of one batched pipeline call into one set per prompt, and :func:`merge_outputs` turns the
 per-prompt results back into what the batched call would have returned.
 
-Which arguments are per-prompt is decided by name (see :data:`PROMPT_KEYS`,
-:data:`EMBEDDING_KEYS`, :data:`IMAGE_KEYS`), never by "is a list of the right length":
-``timesteps`` and ``sigmas`` are lists too, and belong to every prompt.
+Which arguments are per prompt comes from the call's signature
+(:func:`mps_helpers._per_prompt.roles_of`, with the name lists :data:`PROMPT_KEYS`,
+:data:`EMBEDDING_KEYS`, :data:`IMAGE_KEYS` as the fallback), never from "is a list of the
+right length": ``timesteps`` and ``sigmas`` are lists too, and belong to every prompt.
 """
 
 from __future__ import annotations
@@ -17,6 +18,18 @@ import inspect
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from mps_helpers._per_prompt import (
+    EMBEDDING_KEYS,
+    FALLBACK,
+    IMAGE_KEYS,
+    PROMPT_KEYS,
+    CallRoles,
+    batch_rows,
+    count_prompts,
+    multiplicity_of,
+    roles_of,
+    rows_of,
+)
 from mps_helpers._util import dtype_name
 
 if TYPE_CHECKING:
@@ -30,6 +43,7 @@ __all__ = [
     "BoundCall",
     "batch_size",
     "bind_call",
+    "call_roles",
     "call_signature",
     "check_call",
     "loop_tolerance",
@@ -37,36 +51,6 @@ __all__ = [
     "merge_values",
     "split_batch",
 ]
-
-PROMPT_KEYS: tuple[str, ...] = (
-    "prompt",
-    "prompt_2",
-    "prompt_3",
-    "negative_prompt",
-    "negative_prompt_2",
-    "negative_prompt_3",
-)
-"""Text arguments: a list holds one string per prompt; a single string applies to all."""
-
-EMBEDDING_KEYS: tuple[str, ...] = (
-    "prompt_embeds",
-    "negative_prompt_embeds",
-    "pooled_prompt_embeds",
-    "negative_pooled_prompt_embeds",
-    "prompt_attention_mask",
-    "negative_prompt_attention_mask",
-)
-"""Precomputed text conditioning: one row per prompt along the first (batch) dimension."""
-
-IMAGE_KEYS: tuple[str, ...] = (
-    "image",
-    "mask_image",
-    "control_image",
-    "masked_image_latents",
-    "depth_map",
-)
-"""Image inputs of img2img / inpaint / ControlNet / depth pipelines: one per prompt, or one
-for all (a single image, a one-item list, or a batch dimension of 1)."""
 
 LOOP_TOLERANCE: Mapping[str, float] = MappingProxyType(
     {"float32": 1e-4, "float16": 4e-3, "bfloat16": 3.2e-2}
@@ -121,11 +105,14 @@ class BoundCall:
     Attributes:
         kwargs: every argument the caller gave, by name (positional ones bound to their
             names, the contents of ``**kwargs`` flattened in).
-        num_images_per_prompt: the value in effect (the signature's default when not given).
+        num_images_per_prompt: the value in effect of the call's ``num_*_per_prompt``
+            parameter (images, videos, waveforms; the signature's default when not given).
+        roles: which of the call's arguments are per prompt, from its signature.
     """
 
     kwargs: dict[str, Any]
     num_images_per_prompt: int
+    roles: CallRoles = FALLBACK
 
 
 @functools.cache
@@ -145,6 +132,11 @@ def call_signature(call: Callable[..., Any]) -> inspect.Signature:
     if isinstance(call, functools.partial) and not call.keywords:
         return _signature_of(call.func, len(call.args))
     return inspect.signature(call)
+
+
+def call_roles(call: Callable[..., Any]) -> CallRoles:
+    """Return which arguments of ``call`` are per prompt (derived once per pipeline class)."""
+    return roles_of(call_signature(call))
 
 
 def bind_call(
@@ -171,12 +163,9 @@ def bind_call(
                 return None
         else:
             flat[name] = value
-    per_prompt = flat.get("num_images_per_prompt")
-    if per_prompt is None:
-        parameter = signature.parameters.get("num_images_per_prompt")
-        default = None if parameter is None else parameter.default
-        per_prompt = default if isinstance(default, int) else 1
-    return BoundCall(kwargs=flat, num_images_per_prompt=int(per_prompt))
+    roles = roles_of(signature)
+    per_prompt = multiplicity_of(signature, flat, roles)
+    return BoundCall(kwargs=flat, num_images_per_prompt=per_prompt, roles=roles)
 
 
 @functools.cache
@@ -218,25 +207,9 @@ def check_call(call: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[st
         raise ValueError(f"num_inference_steps must be at least 1, got {steps}")
 
 
-def _rows(value: object) -> int | None:
-    """Return the length of the first dimension of an array or tensor, else None."""
-    shape = getattr(value, "shape", None)
-    if shape is None or len(shape) == 0:
-        return None
-    return int(shape[0])
-
-
-def batch_size(kwargs: Mapping[str, Any]) -> int:
-    """Return how many prompts a call carries: a list ``prompt``'s length, else the batch
-    dimension of ``prompt_embeds``, else 1."""
-    prompt = kwargs.get("prompt")
-    if isinstance(prompt, list):
-        return len(prompt)
-    if prompt is None:
-        rows = _rows(kwargs.get("prompt_embeds"))
-        if rows is not None:
-            return rows
-    return 1
+def batch_size(kwargs: Mapping[str, Any], roles: CallRoles = FALLBACK) -> int:
+    """Return how many prompts a call carries (see :func:`._per_prompt.count_prompts`)."""
+    return count_prompts(kwargs, roles)
 
 
 def _mismatch(name: str, got: int, want: int, what: str) -> ValueError:
@@ -275,25 +248,69 @@ def _split_image(name: str, value: Any, prompts: int) -> list[Any] | None:
     return [value[i : i + 1] for i in range(prompts)]
 
 
+def _split_rows(name: str, value: Any, prompts: int) -> list[Any] | None:
+    """Return an embedding cut into one row (or one list item) per prompt, or None to share.
+
+    A wrong length is an error for the named embeddings (:data:`EMBEDDING_KEYS`); one the
+    signature alone calls an embedding is given to every prompt as it is.
+    """
+    count = batch_rows(value)
+    if count is None or count == prompts:
+        return None if count is None else [value[i : i + 1] for i in range(prompts)]
+    if name in EMBEDDING_KEYS:
+        raise _mismatch(name, count, prompts, "prompts")
+    return None
+
+
+def _split_control(name: str, value: Any, prompts: int, nets: int | None) -> list[Any] | None:
+    """Return several ControlNets' images cut per prompt, or None to give them to every prompt.
+
+    As diffusers reads them: a flat list holds one entry per ControlNet (each one image for
+    all prompts, or a batch cut along its first dimension); a nested list holds one list of
+    the ControlNets' images per prompt (``[[p1_net1, p1_net2], [p2_net1, p2_net2]]``).
+    """
+    if not isinstance(value, list):
+        return _split_image(name, value, prompts)
+    if any(isinstance(entry, list) for entry in value):
+        if len(value) == 1:
+            return None
+        if len(value) != prompts:
+            raise _mismatch(name, len(value), prompts, "prompts")
+        return [value[i : i + 1] for i in range(prompts)]
+    if nets is not None and len(value) != nets:
+        return None  # not one entry per ControlNet: the pipeline reports it
+    per_net = [_split_image(name, entry, prompts) for entry in value]
+    if all(parts is None for parts in per_net):
+        return None
+    return [
+        [entry if parts is None else parts[i] for entry, parts in zip(value, per_net, strict=True)]
+        for i in range(prompts)
+    ]
+
+
 def split_batch(
     kwargs: Mapping[str, Any],
     prompts: int,
     *,
     num_images_per_prompt: int = 1,
-    multi_control: bool = False,
+    multi_control: bool | int = False,
+    roles: CallRoles = FALLBACK,
 ) -> list[dict[str, Any]]:
     """Return one keyword-argument dict per prompt, for a batch of ``prompts`` prompts.
 
-    Per-prompt arguments are cut along with the prompts: lists of strings
-    (:data:`PROMPT_KEYS`), the batch dimension of embeddings (:data:`EMBEDDING_KEYS`) and of
-    images (:data:`IMAGE_KEYS`, which also accept one image for all prompts), and per-image
-    arguments (``latents`` and a list ``generator``), whose length is
+    Per-prompt arguments (``roles``, from the call's signature) are cut along with the
+    prompts: lists of strings, the batch dimension of embeddings and their masks (a list of
+    tensors item by item), and of images (which also accept one image for all prompts), and
+    per-image arguments (``latents`` and a list ``generator``), whose length is
     ``prompts * num_images_per_prompt`` and which are cut into consecutive runs of
     ``num_images_per_prompt``. Each slice keeps its container type (a one-item list, a
     one-row tensor). Everything else is given to every prompt unchanged (the same object).
 
-    With ``multi_control`` (a pipeline with several ControlNets), ``image`` and
-    ``control_image`` are lists with one entry per ControlNet, and each entry is split.
+    With ``multi_control`` (the number of ControlNets a pipeline holds together, or True
+    when it is not known),
+    the ControlNet images (``roles.control``) are read as diffusers reads them for several
+    ControlNets: a flat list with one entry per ControlNet, each split on its own, or a
+    nested list with one list of the ControlNets' images per prompt.
 
     Raises:
         ValueError: a per-prompt argument's length is neither the batch's nor, where that
@@ -302,49 +319,38 @@ def split_batch(
     if prompts < 1:
         raise ValueError(f"a batch needs at least one prompt, got {prompts}")
     per_image = prompts * num_images_per_prompt
-    cuts: dict[str, list[Any]] = {}
+    cuts: dict[str, list[Any] | None] = {}
     for name, value in kwargs.items():
         if value is None:
             continue
-        if name in PROMPT_KEYS:
-            if isinstance(value, list):
-                if len(value) != prompts:
-                    raise _mismatch(name, len(value), prompts, "prompts")
-                cuts[name] = [value[i : i + 1] for i in range(prompts)]
-        elif name in EMBEDDING_KEYS:
-            rows = _rows(value)
-            if rows is not None:
-                if rows != prompts:
-                    raise _mismatch(name, rows, prompts, "prompts")
-                cuts[name] = [value[i : i + 1] for i in range(prompts)]
-        elif name == "latents" or (name == "generator" and isinstance(value, list)):
-            rows = len(value) if isinstance(value, list) else _rows(value)
+        if name in roles.per_image:
+            if name == "generator" and not isinstance(value, list):
+                continue
+            rows = len(value) if isinstance(value, list) else rows_of(value)
             if rows is not None:
                 if rows != per_image:
                     what = f"images ({prompts} prompts x {num_images_per_prompt} per prompt)"
                     raise _mismatch(name, rows, per_image, what)
                 k = num_images_per_prompt
                 cuts[name] = [value[i * k : (i + 1) * k] for i in range(prompts)]
-        elif name in IMAGE_KEYS:
-            if multi_control and name in ("image", "control_image") and isinstance(value, list):
-                per_net = [_split_image(name, entry, prompts) for entry in value]
-                if any(parts is not None for parts in per_net):
-                    cuts[name] = [
-                        [
-                            entry if parts is None else parts[i]
-                            for entry, parts in zip(value, per_net, strict=True)
-                        ]
-                        for i in range(prompts)
-                    ]
-            else:
-                parts = _split_image(name, value, prompts)
-                if parts is not None:
-                    cuts[name] = parts
+        elif name in roles.text:
+            if isinstance(value, list):
+                if len(value) != prompts:
+                    raise _mismatch(name, len(value), prompts, "prompts")
+                cuts[name] = [value[i : i + 1] for i in range(prompts)]
+        elif name in roles.rows:
+            cuts[name] = _split_rows(name, value, prompts)
+        elif multi_control and name in roles.control:
+            nets = None if multi_control is True else int(multi_control)
+            cuts[name] = _split_control(name, value, prompts, nets)
+        elif name in roles.images:
+            cuts[name] = _split_image(name, value, prompts)
     items = []
     for i in range(prompts):
         item = dict(kwargs)
         for name, parts in cuts.items():
-            item[name] = parts[i]
+            if parts is not None:
+                item[name] = parts[i]
         items.append(item)
     return items
 

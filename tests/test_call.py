@@ -371,6 +371,23 @@ def test_progress_bar_honours_disable(sd: Any, capsys: pytest.CaptureFixture[str
     assert sd._progress_bar_config == {"disable": True}
 
 
+def test_the_loop_never_calls_the_pipelines_progress_bar(sd: Any) -> None:
+    # Kandinsky 2.2's combined pipeline overrides progress_bar (returning None, and turning
+    # on model offloading): the prompt bar must not come from it.
+    calls: list[dict[str, Any]] = []
+
+    def overridden(iterable: Any = None, total: Any = None) -> None:
+        calls.append({"total": total})
+
+    sd.progress_bar = overridden
+    try:
+        with pytest.raises(TypeError):  # the pipeline's own loop uses it, and fails
+            run(sd, LOOP, [*PROMPTS, "a green cone"], output_type="latent", **SIZE)
+    finally:
+        del sd.progress_bar
+    assert calls == [{"total": 2}]  # the first prompt's 2 steps; never the loop's 3 prompts
+
+
 # ---------------------------------------------------------------------------------------
 # Errors
 

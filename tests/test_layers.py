@@ -59,6 +59,9 @@ LAYERS: dict[str, int] = {
     "_nan_guard": 5,
     "_oom_retry": 5,
     "_memory_watch": 5,
+    # per-prompt arguments read from the signature; the library's own progress bars
+    "_per_prompt": 5,
+    "_progress": 5,
     # the prepared call
     "_call": 6,
     # applying a plan, loading with one
