@@ -7,10 +7,12 @@ process its share of the prompts and gathers the images, in prompt order, on the
     accelerate launch --num_processes 2 examples/multi_gpu.py       # one process per GPU
     torchrun --nproc_per_node 2 examples/multi_gpu.py               # the same, with torchrun
 
-Without a download: ``--model tiny`` (a tiny random-weight pipeline, for a smoke test) or
-``--model sd15-random`` (Stable Diffusion 1.5's architecture with random weights, for
-timing). ``--repeat 3`` times three runs after a warm-up and prints images per second.
-Needs the ``distributed`` extra under a launcher: ``pip install "mps_helpers[distributed]"``.
+The default ``--model tiny`` is a tiny random-weight pipeline built offline (a smoke test:
+expect noise); ``--model sd15-random`` has Stable Diffusion 1.5's architecture with random
+weights (for timing, no download); ``--model stable-diffusion-v1-5/stable-diffusion-v1-5``
+(or any model id or folder) makes real images. ``--repeat 3`` times three runs after a
+warm-up and prints images per second. Under a launcher it needs the ``distributed`` extra
+(accelerate): from a clone, ``python -m pip install ".[distributed]"``.
 """
 
 from __future__ import annotations
@@ -55,7 +57,11 @@ def load(model: str) -> Any:
 def main() -> None:
     """Parse the options, generate, and save or time the images on the main process."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="stable-diffusion-v1-5/stable-diffusion-v1-5")
+    parser.add_argument(
+        "--model",
+        default="tiny",
+        help="tiny (default, offline), sd15-random, or a model id or folder",
+    )
     parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="how many images")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--size", type=int, default=None, help="height and width in pixels")

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from mps_helpers._apply import plan_of, prepare_pipeline
     from mps_helpers._attention import SafeSlicedAttnProcessor
     from mps_helpers._auto import AutoPrepare, AutoPrepareWarning, auto_prepare
+    from mps_helpers._batch import loop_tolerance
     from mps_helpers._checks import Finding, check_environment
     from mps_helpers._distributed import generate
     from mps_helpers._environment import Environment, detect_environment
@@ -56,6 +57,7 @@ _EXPORTS: dict[str, str] = {
     "AutoPrepare": "mps_helpers._auto",
     "AutoPrepareWarning": "mps_helpers._auto",
     "generate": "mps_helpers._distributed",
+    "loop_tolerance": "mps_helpers._batch",
     "BatchError": "mps_helpers._errors",
     "DeviceOutOfMemoryError": "mps_helpers._errors",
     "DeviceUnavailableError": "mps_helpers._errors",
@@ -102,6 +104,7 @@ __all__ = [
     "generate",
     "known_problems",
     "load_pipeline",
+    "loop_tolerance",
     "plan_for",
     "plan_of",
     "prepare_pipeline",

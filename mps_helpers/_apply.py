@@ -24,6 +24,7 @@ from mps_helpers._facts import check_pipeline, denoiser_of, facts_of
 from mps_helpers._markers import is_prepared_class, original_class
 from mps_helpers._options import Options, option_values, validate_options
 from mps_helpers._plan import make_plan, resolve_environment, resolve_probes, warn_ignored
+from mps_helpers._quiet import quiet
 from mps_helpers._util import module_dtype
 
 if TYPE_CHECKING:
@@ -270,7 +271,8 @@ def _move_and_cast(pipe: Pipeline, plan: Plan) -> None:
         if _is_quantized(module):
             logger.info("%s: %s is quantized; its dtype is left as it is", _name(pipe), name)
             continue
-        module.to(dtype=target)
+        with quiet("empty-fp32-list"):
+            module.to(dtype=target)
         logger.info("%s: %s cast from %s to %s", _name(pipe), name, current, target)
 
 

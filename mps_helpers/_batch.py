@@ -4,9 +4,10 @@ Nothing here touches a pipeline or a device. :func:`split_batch` turns the keywo
 of one batched pipeline call into one set per prompt, and :func:`merge_outputs` turns the
 per-prompt results back into what the batched call would have returned.
 
-Which arguments are per-prompt is decided by name (see :data:`PROMPT_KEYS`,
-:data:`EMBEDDING_KEYS`, :data:`IMAGE_KEYS`), never by "is a list of the right length":
-``timesteps`` and ``sigmas`` are lists too, and belong to every prompt.
+Which arguments are per prompt comes from the call's signature
+(:func:`mps_helpers._per_prompt.roles_of`, with the name lists :data:`PROMPT_KEYS`,
+:data:`EMBEDDING_KEYS`, :data:`IMAGE_KEYS` as the fallback), never from "is a list of the
+right length": ``timesteps`` and ``sigmas`` are lists too, and belong to every prompt.
 """
 
 from __future__ import annotations
@@ -14,7 +15,22 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
+
+from mps_helpers._per_prompt import (
+    EMBEDDING_KEYS,
+    FALLBACK,
+    IMAGE_KEYS,
+    PROMPT_KEYS,
+    CallRoles,
+    batch_rows,
+    count_prompts,
+    multiplicity_of,
+    roles_of,
+    rows_of,
+)
+from mps_helpers._util import dtype_name
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
@@ -22,45 +38,60 @@ if TYPE_CHECKING:
 __all__ = [
     "EMBEDDING_KEYS",
     "IMAGE_KEYS",
+    "LOOP_TOLERANCE",
     "PROMPT_KEYS",
     "BoundCall",
     "batch_size",
     "bind_call",
+    "call_roles",
     "call_signature",
+    "check_call",
+    "loop_tolerance",
     "merge_outputs",
     "merge_values",
     "split_batch",
 ]
 
-PROMPT_KEYS: tuple[str, ...] = (
-    "prompt",
-    "prompt_2",
-    "prompt_3",
-    "negative_prompt",
-    "negative_prompt_2",
-    "negative_prompt_3",
+LOOP_TOLERANCE: Mapping[str, float] = MappingProxyType(
+    {"float32": 1e-4, "float16": 4e-3, "bfloat16": 3.2e-2}
 )
-"""Text arguments: a list holds one string per prompt; a single string applies to all."""
+"""How far a looped batch may be from the batched call, per compute dtype: the largest
+absolute pixel difference, images in [0, 1], with a list of generators (or one generator
+and a deterministic scheduler). Not bit-equal because kernels sum in an order that depends
+on the batch size, and each dtype rounds those sums at its own precision; float16 and
+bfloat16 allow four steps of their precision at 1 (2**-10 and 2**-7). Measured with
+``tests/benchmarks/loop_exactness.py``; docs/explanation/batch-and-warmup.md has the
+figures."""
 
-EMBEDDING_KEYS: tuple[str, ...] = (
-    "prompt_embeds",
-    "negative_prompt_embeds",
-    "pooled_prompt_embeds",
-    "negative_pooled_prompt_embeds",
-    "prompt_attention_mask",
-    "negative_prompt_attention_mask",
-)
-"""Precomputed text conditioning: one row per prompt along the first (batch) dimension."""
 
-IMAGE_KEYS: tuple[str, ...] = (
-    "image",
-    "mask_image",
-    "control_image",
-    "masked_image_latents",
-    "depth_map",
-)
-"""Image inputs of img2img / inpaint / ControlNet / depth pipelines: one per prompt, or one
-for all (a single image, a one-item list, or a batch dimension of 1)."""
+def loop_tolerance(dtype: Any) -> float:
+    """Return how far a looped batch may be from the batched call in ``dtype``.
+
+    The figure is the largest absolute pixel difference, images in [0, 1], between a
+    prepared pipeline's looped batch (``batch_to_loop``) and the batched call, given a list
+    of generators (or one generator and a deterministic scheduler): 1e-4 in float32, 4e-3
+    in float16, 3.2e-2 in bfloat16 (four steps of each half-precision dtype at 1). Use it
+    to compare the two, as ``examples/several_prompts.py --check`` does::
+
+        >>> from mps_helpers import loop_tolerance
+        >>> loop_tolerance("float32")
+        0.0001
+
+    Args:
+        dtype: a ``torch.dtype`` (``plan_of(pipe).dtype``) or its name.
+
+    Raises:
+        ValueError: ``dtype`` is not one of the dtypes a plan chooses.
+
+    .. versionadded:: 0.1
+    """
+    name = dtype_name(dtype)
+    tolerance = LOOP_TOLERANCE.get(name)
+    if tolerance is None:
+        choices = ", ".join(LOOP_TOLERANCE)
+        raise ValueError(f"dtype must be one of {choices} (or torch's), got {dtype!r}")
+    return tolerance
+
 
 # Masks may come as (batch, height, width) tensors: diffusers' mask processor reads a 3-D
 # mask as a batch of grayscale masks, while a 3-D image is a single (channels, h, w) image.
@@ -74,11 +105,14 @@ class BoundCall:
     Attributes:
         kwargs: every argument the caller gave, by name (positional ones bound to their
             names, the contents of ``**kwargs`` flattened in).
-        num_images_per_prompt: the value in effect (the signature's default when not given).
+        num_images_per_prompt: the value in effect of the call's ``num_*_per_prompt``
+            parameter (images, videos, waveforms; the signature's default when not given).
+        roles: which of the call's arguments are per prompt, from its signature.
     """
 
     kwargs: dict[str, Any]
     num_images_per_prompt: int
+    roles: CallRoles = FALLBACK
 
 
 @functools.cache
@@ -98,6 +132,11 @@ def call_signature(call: Callable[..., Any]) -> inspect.Signature:
     if isinstance(call, functools.partial) and not call.keywords:
         return _signature_of(call.func, len(call.args))
     return inspect.signature(call)
+
+
+def call_roles(call: Callable[..., Any]) -> CallRoles:
+    """Return which arguments of ``call`` are per prompt (derived once per pipeline class)."""
+    return roles_of(call_signature(call))
 
 
 def bind_call(
@@ -124,33 +163,53 @@ def bind_call(
                 return None
         else:
             flat[name] = value
-    per_prompt = flat.get("num_images_per_prompt")
-    if per_prompt is None:
-        parameter = signature.parameters.get("num_images_per_prompt")
-        default = None if parameter is None else parameter.default
-        per_prompt = default if isinstance(default, int) else 1
-    return BoundCall(kwargs=flat, num_images_per_prompt=int(per_prompt))
+    roles = roles_of(signature)
+    per_prompt = multiplicity_of(signature, flat, roles)
+    return BoundCall(kwargs=flat, num_images_per_prompt=per_prompt, roles=roles)
 
 
-def _rows(value: object) -> int | None:
-    """Return the length of the first dimension of an array or tensor, else None."""
-    shape = getattr(value, "shape", None)
-    if shape is None or len(shape) == 0:
-        return None
-    return int(shape[0])
+@functools.cache
+def _positional_of(func: Callable[..., Any], skip: int) -> tuple[str, ...]:
+    return _positional_names(_signature_of(func, skip))
 
 
-def batch_size(kwargs: Mapping[str, Any]) -> int:
-    """Return how many prompts a call carries: a list ``prompt``'s length, else the batch
-    dimension of ``prompt_embeds``, else 1."""
-    prompt = kwargs.get("prompt")
-    if isinstance(prompt, list):
-        return len(prompt)
-    if prompt is None:
-        rows = _rows(kwargs.get("prompt_embeds"))
-        if rows is not None:
-            return rows
-    return 1
+def _positional_names(signature: inspect.Signature) -> tuple[str, ...]:
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(name for name, p in signature.parameters.items() if p.kind in kinds)
+
+
+def check_call(call: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+    """Raise ValueError for arguments that no pipeline can run, before any work is done.
+
+    Checks an empty ``prompt`` list and a ``num_inference_steps`` below 1, whether given by
+    name or by position; anything else is left to the pipeline. Cheap enough for every
+    call: no binding, a cached look-up of the positional parameters' names.
+
+    Raises:
+        ValueError: ``prompt`` is an empty list, or ``num_inference_steps`` is an int < 1.
+    """
+    given: Mapping[str, Any] = kwargs
+    # Positional arguments are named only where one could matter: pipe("a fox") costs nothing.
+    if len(args) > 1 or (args and isinstance(args[0], list) and not args[0]):
+        if isinstance(call, functools.partial) and not call.keywords:
+            names = _positional_of(call.func, len(call.args))
+        else:
+            names = _positional_names(inspect.signature(call))
+        # More positional arguments than names: the call takes *args, or they do not bind.
+        given = {**dict(zip(names, args, strict=False)), **kwargs}
+    prompt = given.get("prompt")
+    if isinstance(prompt, list) and not prompt:
+        raise ValueError(
+            "prompt is an empty list: pass at least one prompt (a string, or a list of strings)"
+        )
+    steps = given.get("num_inference_steps")
+    if isinstance(steps, int) and not isinstance(steps, bool) and steps < 1:
+        raise ValueError(f"num_inference_steps must be at least 1, got {steps}")
+
+
+def batch_size(kwargs: Mapping[str, Any], roles: CallRoles = FALLBACK) -> int:
+    """Return how many prompts a call carries (see :func:`._per_prompt.count_prompts`)."""
+    return count_prompts(kwargs, roles)
 
 
 def _mismatch(name: str, got: int, want: int, what: str) -> ValueError:
@@ -189,25 +248,69 @@ def _split_image(name: str, value: Any, prompts: int) -> list[Any] | None:
     return [value[i : i + 1] for i in range(prompts)]
 
 
+def _split_rows(name: str, value: Any, prompts: int) -> list[Any] | None:
+    """Return an embedding cut into one row (or one list item) per prompt, or None to share.
+
+    A wrong length is an error for the named embeddings (:data:`EMBEDDING_KEYS`); one the
+    signature alone calls an embedding is given to every prompt as it is.
+    """
+    count = batch_rows(value)
+    if count is None or count == prompts:
+        return None if count is None else [value[i : i + 1] for i in range(prompts)]
+    if name in EMBEDDING_KEYS:
+        raise _mismatch(name, count, prompts, "prompts")
+    return None
+
+
+def _split_control(name: str, value: Any, prompts: int, nets: int | None) -> list[Any] | None:
+    """Return several ControlNets' images cut per prompt, or None to give them to every prompt.
+
+    As diffusers reads them: a flat list holds one entry per ControlNet (each one image for
+    all prompts, or a batch cut along its first dimension); a nested list holds one list of
+    the ControlNets' images per prompt (``[[p1_net1, p1_net2], [p2_net1, p2_net2]]``).
+    """
+    if not isinstance(value, list):
+        return _split_image(name, value, prompts)
+    if any(isinstance(entry, list) for entry in value):
+        if len(value) == 1:
+            return None
+        if len(value) != prompts:
+            raise _mismatch(name, len(value), prompts, "prompts")
+        return [value[i : i + 1] for i in range(prompts)]
+    if nets is not None and len(value) != nets:
+        return None  # not one entry per ControlNet: the pipeline reports it
+    per_net = [_split_image(name, entry, prompts) for entry in value]
+    if all(parts is None for parts in per_net):
+        return None
+    return [
+        [entry if parts is None else parts[i] for entry, parts in zip(value, per_net, strict=True)]
+        for i in range(prompts)
+    ]
+
+
 def split_batch(
     kwargs: Mapping[str, Any],
     prompts: int,
     *,
     num_images_per_prompt: int = 1,
-    multi_control: bool = False,
+    multi_control: bool | int = False,
+    roles: CallRoles = FALLBACK,
 ) -> list[dict[str, Any]]:
     """Return one keyword-argument dict per prompt, for a batch of ``prompts`` prompts.
 
-    Per-prompt arguments are cut along with the prompts: lists of strings
-    (:data:`PROMPT_KEYS`), the batch dimension of embeddings (:data:`EMBEDDING_KEYS`) and of
-    images (:data:`IMAGE_KEYS`, which also accept one image for all prompts), and per-image
-    arguments (``latents`` and a list ``generator``), whose length is
+    Per-prompt arguments (``roles``, from the call's signature) are cut along with the
+    prompts: lists of strings, the batch dimension of embeddings and their masks (a list of
+    tensors item by item), and of images (which also accept one image for all prompts), and
+    per-image arguments (``latents`` and a list ``generator``), whose length is
     ``prompts * num_images_per_prompt`` and which are cut into consecutive runs of
     ``num_images_per_prompt``. Each slice keeps its container type (a one-item list, a
     one-row tensor). Everything else is given to every prompt unchanged (the same object).
 
-    With ``multi_control`` (a pipeline with several ControlNets), ``image`` and
-    ``control_image`` are lists with one entry per ControlNet, and each entry is split.
+    With ``multi_control`` (the number of ControlNets a pipeline holds together, or True
+    when it is not known),
+    the ControlNet images (``roles.control``) are read as diffusers reads them for several
+    ControlNets: a flat list with one entry per ControlNet, each split on its own, or a
+    nested list with one list of the ControlNets' images per prompt.
 
     Raises:
         ValueError: a per-prompt argument's length is neither the batch's nor, where that
@@ -216,49 +319,38 @@ def split_batch(
     if prompts < 1:
         raise ValueError(f"a batch needs at least one prompt, got {prompts}")
     per_image = prompts * num_images_per_prompt
-    cuts: dict[str, list[Any]] = {}
+    cuts: dict[str, list[Any] | None] = {}
     for name, value in kwargs.items():
         if value is None:
             continue
-        if name in PROMPT_KEYS:
-            if isinstance(value, list):
-                if len(value) != prompts:
-                    raise _mismatch(name, len(value), prompts, "prompts")
-                cuts[name] = [value[i : i + 1] for i in range(prompts)]
-        elif name in EMBEDDING_KEYS:
-            rows = _rows(value)
-            if rows is not None:
-                if rows != prompts:
-                    raise _mismatch(name, rows, prompts, "prompts")
-                cuts[name] = [value[i : i + 1] for i in range(prompts)]
-        elif name == "latents" or (name == "generator" and isinstance(value, list)):
-            rows = len(value) if isinstance(value, list) else _rows(value)
+        if name in roles.per_image:
+            if name == "generator" and not isinstance(value, list):
+                continue
+            rows = len(value) if isinstance(value, list) else rows_of(value)
             if rows is not None:
                 if rows != per_image:
                     what = f"images ({prompts} prompts x {num_images_per_prompt} per prompt)"
                     raise _mismatch(name, rows, per_image, what)
                 k = num_images_per_prompt
                 cuts[name] = [value[i * k : (i + 1) * k] for i in range(prompts)]
-        elif name in IMAGE_KEYS:
-            if multi_control and name in ("image", "control_image") and isinstance(value, list):
-                per_net = [_split_image(name, entry, prompts) for entry in value]
-                if any(parts is not None for parts in per_net):
-                    cuts[name] = [
-                        [
-                            entry if parts is None else parts[i]
-                            for entry, parts in zip(value, per_net, strict=True)
-                        ]
-                        for i in range(prompts)
-                    ]
-            else:
-                parts = _split_image(name, value, prompts)
-                if parts is not None:
-                    cuts[name] = parts
+        elif name in roles.text:
+            if isinstance(value, list):
+                if len(value) != prompts:
+                    raise _mismatch(name, len(value), prompts, "prompts")
+                cuts[name] = [value[i : i + 1] for i in range(prompts)]
+        elif name in roles.rows:
+            cuts[name] = _split_rows(name, value, prompts)
+        elif multi_control and name in roles.control:
+            nets = None if multi_control is True else int(multi_control)
+            cuts[name] = _split_control(name, value, prompts, nets)
+        elif name in roles.images:
+            cuts[name] = _split_image(name, value, prompts)
     items = []
     for i in range(prompts):
         item = dict(kwargs)
         for name, parts in cuts.items():
-            item[name] = parts[i]
+            if parts is not None:
+                item[name] = parts[i]
         items.append(item)
     return items
 

@@ -21,7 +21,6 @@ Exactness of the loop (docs/explanation/batch-and-warmup.md, "How exact it is"):
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -31,16 +30,19 @@ from mps_helpers._batch import (
     BoundCall,
     batch_size,
     bind_call,
+    check_call,
     merge_outputs,
     split_batch,
 )
 from mps_helpers._errors import BatchError
 from mps_helpers._markers import PLAN_ATTR
-from mps_helpers._util import empty_device_cache, has_multi_controlnet
-from mps_helpers._warmup import ensure_warm, progress_config
+from mps_helpers._per_prompt import control_nets
+from mps_helpers._progress import prompt_progress
+from mps_helpers._util import empty_device_cache
+from mps_helpers._warmup import ensure_warm
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
     import torch
 
@@ -90,12 +92,15 @@ def prepared_call(
             prepared class passes :func:`mps_helpers._apply.apply_plan`); None: no retry.
 
     Raises:
-        ValueError: a looped batch's per-prompt arguments have mismatched lengths (raised
-            before the warmup or any pipeline call).
+        ValueError: ``prompt`` is an empty list or ``num_inference_steps`` is below 1 (see
+            :func:`~mps_helpers._batch.check_call`), or a looped batch's per-prompt arguments
+            have mismatched lengths; raised before the warmup or any pipeline call.
         WarmupError: the one-time warmup pass failed.
         BatchError: one prompt of a looped batch failed; the prompts before it are in its
-            ``completed`` attribute.
+            ``completed`` attribute. When the first prompt fails with the pipeline's own
+            ValueError or TypeError (arguments it refuses), that error is raised as it is.
     """
+    check_call(call, args, kwargs)
     # The fast path: one attribute read (the marker, see _markers.attached_plan) and six
     # truth tests over the raw call.
     plan: Plan | None = getattr(pipe, PLAN_ATTR, None)
@@ -117,7 +122,7 @@ def prepared_call(
         # The arguments do not bind: let the pipeline raise its own TypeError.
         return call(*args, **kwargs)
     if plan.batch_to_loop:
-        prompts = batch_size(bound.kwargs)
+        prompts = batch_size(bound.kwargs, bound.roles)
         if prompts > 1:
             # Validate every per-prompt length now, before the warmup or any real work.
             _split(pipe, bound, prompts)
@@ -125,7 +130,7 @@ def prepared_call(
         ensure_warm(pipe, plan, call, bound.kwargs)
 
     def run_all(run_kwargs: dict[str, Any], run_plan: Plan) -> Any:
-        prompts = batch_size(run_kwargs)
+        prompts = batch_size(run_kwargs, bound.roles)
         if run_plan.batch_to_loop and prompts > 1:
             return _run_looped(pipe, run_plan, call, run_kwargs, prompts)
         return _nan_guard.call_with_nan_guard(pipe, run_plan, call, run_kwargs)
@@ -170,7 +175,8 @@ def _split(pipe: Pipeline, bound: BoundCall, prompts: int) -> list[dict[str, Any
         bound.kwargs,
         prompts,
         num_images_per_prompt=bound.num_images_per_prompt,
-        multi_control=has_multi_controlnet(pipe),
+        multi_control=control_nets(pipe),
+        roles=bound.roles,
     )
 
 
@@ -191,13 +197,17 @@ def _run_looped(
                 item["latents"] = latents[i * per_prompt : (i + 1) * per_prompt]
     logger.debug("looping %d prompts of %s one at a time", prompts, type(pipe).__name__)
     outputs: list[Any] = []
-    with _prompt_progress(pipe, prompts) as bar:
+    with prompt_progress(pipe, prompts) as bar:
         for index, item in enumerate(items):
             if index:
                 _free_between(plan)
             try:
                 output = _nan_guard.call_with_nan_guard(pipe, plan, call, item)
             except Exception as exc:
+                if index == 0 and isinstance(exc, (ValueError, TypeError)):
+                    # Nothing is done yet and the pipeline refused the arguments: its own
+                    # error, as it is, says more than a BatchError around it.
+                    raise
                 completed = merge_outputs(outputs) if outputs else None
                 raise BatchError(
                     f"prompt {index} of a batch of {prompts} failed "
@@ -209,32 +219,6 @@ def _run_looped(
             outputs.append(output)
             bar.update(1)
     return merge_outputs(outputs)
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        """Do nothing (a pipeline without diffusers' progress bar)."""
-
-
-@contextlib.contextmanager
-def _prompt_progress(pipe: Any, prompts: int) -> Iterator[Any]:
-    """Yield one progress bar counting prompts; silence the per-step bars meanwhile.
-
-    The bar is the pipeline's own ``progress_bar`` so that ``set_progress_bar_config``
-    (``disable=True`` included) applies to it; the config is restored afterwards.
-    """
-    make_bar = getattr(pipe, "progress_bar", None)
-    if make_bar is None:
-        yield _NoBar()
-        return
-    with progress_config(pipe) as config:
-        pipe._progress_bar_config = {"unit": "prompt", **config}
-        bar = make_bar(total=prompts)
-        pipe._progress_bar_config = {**config, "disable": True}
-        try:
-            yield bar
-        finally:
-            bar.close()
 
 
 def _free_between(plan: Plan) -> None:

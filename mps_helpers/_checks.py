@@ -17,6 +17,8 @@ from mps_helpers._reasons import EVIDENCE, SLICING_RAM_THRESHOLD
 from mps_helpers._util import MiB, format_bytes, release
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from mps_helpers._environment import Environment
     from mps_helpers._selftest import ProbeReport
 
@@ -28,6 +30,7 @@ __all__ = [
     "macos_required_by_torch",
     "probe_findings",
     "problem_findings",
+    "verdict",
 ]
 
 Level = Literal["ok", "info", "warning", "error"]
@@ -103,6 +106,25 @@ def check_environment(env: Environment | None = None) -> tuple[Finding, ...]:
     findings += problem_findings(env)
     order = {level: i for i, level in enumerate(reversed(LEVELS))}
     return tuple(sorted(findings, key=lambda f: order[f.level]))
+
+
+def verdict(env: Environment, findings: Sequence[Finding]) -> str:
+    """Return the one-line conclusion of a readiness report: where pipelines will run.
+
+    It names only what ``env`` found usable: mps, else CUDA, else the CPU; "Not ready"
+    when a finding is an error.
+    """
+    if any(f.level == "error" for f in findings):
+        return "Not ready: fix the errors above."
+    if env.mps_available and not env.is_rosetta:
+        return "Ready: diffusers can run on mps."
+    if env.cuda_available:
+        return f"Ready: mps is not available here; pipelines will run on CUDA ({_cuda_name(env)})."
+    return "Ready: neither mps nor CUDA is usable here; pipelines will run on the CPU (slowly)."
+
+
+def _cuda_name(env: Environment) -> str:
+    return env.cuda_device_name or "GPU 0"
 
 
 def _torch_findings(env: Environment) -> list[Finding]:
@@ -250,7 +272,7 @@ def _mac_findings(env: Environment) -> list[Finding]:
 def _other_machine_findings(env: Environment) -> list[Finding]:
     where = "an Intel Mac" if env.is_macos else f"{env.system or 'this system'} on {env.machine}"
     if env.cuda_available:
-        fallback = f"CUDA ({env.cuda_device_name or 'GPU 0'})"
+        fallback = f"CUDA ({_cuda_name(env)})"
         level: Literal["info"] = "info"
     else:
         fallback = f"the CPU (slow: {EVIDENCE['cpu_sd15'].figure})"

@@ -25,6 +25,7 @@ from mps_helpers._version import __version__
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+    from types import TracebackType
 
 __all__ = ["build_parser", "main"]
 
@@ -49,7 +50,7 @@ class _UsageError(Exception):
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
-    from mps_helpers._checks import check_environment
+    from mps_helpers._checks import check_environment, verdict
     from mps_helpers._environment import detect_environment
 
     env = detect_environment()
@@ -82,12 +83,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     if report is not None:
         print(report.summary())
         print()
-    if failed:
-        print("Not ready: fix the errors above.")
-    elif env.is_apple_silicon:
-        print("Ready: diffusers can run on mps.")
-    else:
-        print("Ready: mps is not available here; pipelines will run on CUDA or the CPU.")
+    print(verdict(env, findings))
     return 1 if failed else 0
 
 
@@ -168,10 +164,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise _UsageError(f"can't open file {args.script!r}: no such file or directory")
 
     from mps_helpers._auto import auto_prepare
+    from mps_helpers._quiet import quiet
 
     try:
         scope = auto_prepare(**_plan_options(args))
-        scope.__enter__()
+        with quiet("torchvision-fallback"):  # entering imports diffusers' pipelines
+            scope.__enter__()
     except (TypeError, ValueError) as error:
         raise _UsageError(str(error)) from None
     except ImportError as error:  # diffusers (or torch) is not installed
@@ -206,7 +204,16 @@ def _run_target(module: str | None, script: str | None, script_args: list[str]) 
         return _exit_status(exit_.code)
     except Exception as error:  # the script's own error: report it as Python would
         sys.stdout.flush()
-        _print_script_traceback(error)
+        frames = _script_frames(error)
+        if frames is None and isinstance(error, ImportError):
+            # runpy found nothing to run (a directory without __main__.py, no such module):
+            # no line of the target ran, so its traceback would show runpy's internals only.
+            return _fail(
+                "run",
+                f"{error}: pass a Python script, a directory or zip file holding a "
+                "__main__.py, or -m with an importable module",
+            )
+        traceback.print_exception(type(error), error, frames)
         return 1
     finally:
         sys.stdout.flush()
@@ -223,8 +230,12 @@ def _exit_status(code: object) -> int:
     return 1
 
 
-def _print_script_traceback(error: BaseException) -> None:
-    # Drop the frames of this module and runpy at the head: the traceback starts in the script.
+def _script_frames(error: BaseException) -> TracebackType | None:
+    """Return ``error``'s traceback from the first frame of the target on (None: no frame).
+
+    The frames of this module and runpy at the head are dropped, so that the traceback
+    starts in the script, as ``python SCRIPT`` shows it.
+    """
     ours = {os.path.abspath(__file__), os.path.abspath(runpy.__file__ or ""), "<frozen runpy>"}
     tb = error.__traceback__
     while tb is not None:
@@ -232,7 +243,7 @@ def _print_script_traceback(error: BaseException) -> None:
         if name not in ours and os.path.abspath(name) not in ours:
             break
         tb = tb.tb_next
-    traceback.print_exception(type(error), error, tb)
+    return tb
 
 
 def _log_to_stderr() -> None:
@@ -257,19 +268,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise _UsageError(str(error)) from None
 
     from mps_helpers._apply import plan_of
-    from mps_helpers._demo import demo_pipeline, generate_image
+    from mps_helpers._demo import check_output, demo_pipeline, generate_image
     from mps_helpers._environment import detect_environment
     from mps_helpers._errors import DeviceUnavailableError
 
+    try:
+        output = check_output(args.output)  # before minutes of work, not after
+    except OSError as error:
+        return _fail("demo", error)
     print(detect_environment().summary())
     print(flush=True)
     tiny = args.model is None
     try:
         pipe = demo_pipeline(args.model, options)
-    except (ImportError, OSError, DeviceUnavailableError) as error:
-        # A missing extra, a model that cannot be found or downloaded, a device not here.
-        print(f"mps-helpers demo: {error}", file=sys.stderr)
-        return 1
+    except (ImportError, OSError, ValueError, DeviceUnavailableError) as error:
+        # A missing extra, a model that cannot be found or downloaded (diffusers raises
+        # ValueError for some), a device not here. The options were validated above.
+        return _fail("demo", error)
     what = "a tiny pipeline with random weights" if tiny else args.model
     print(f"Pipeline: {type(pipe).__name__}, {what}")
     print(plan_of(pipe))
@@ -277,9 +292,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     steps = args.steps if args.steps is not None or not tiny else TINY_STEPS
     how = f"{steps} steps" if steps is not None else "the model's default number of steps"
     print(f"Generating one image for {args.prompt!r} ({how}) ...", flush=True)
-    result = generate_image(
-        pipe, prompt=args.prompt, steps=steps, seed=args.seed, output=args.output
-    )
+    try:
+        result = generate_image(
+            pipe, prompt=args.prompt, steps=steps, seed=args.seed, output=output
+        )
+    except OSError as error:  # the save, after generating
+        return _fail("demo", error)
     print(
         f"Saved a {result.width}x{result.height} image to {result.path} "
         f"({result.steps} steps in {result.seconds:.2f} s)."
@@ -290,6 +308,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             "--model stable-diffusion-v1-5/stable-diffusion-v1-5 (downloads ~2 GB)."
         )
     return 0
+
+
+def _fail(command: str, error: BaseException | str) -> int:
+    """Print ``error`` as one line on stderr, the way argparse words errors; return 1."""
+    message = " ".join(str(error).split())  # one line, whatever the library's message holds
+    print(f"mps-helpers {command}: error: {message}", file=sys.stderr)
+    return 1
 
 
 def _positive_int(text: str) -> int:
@@ -414,7 +439,9 @@ def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
         description="Run Hugging Face diffusers pipelines well on Apple Silicon, CUDA and CPU.",
     )
     parser.add_argument("--version", action="version", version=f"mps_helpers {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # Not required=True: argparse would then report a missing COMMAND before an unknown
+    # option; _parse says both.
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     doctor = sub.add_parser(
         "doctor",
@@ -520,8 +547,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     parser, commands = _build()
     if not argv or argv[0] != "run":
-        args = parser.parse_args(argv)
-        return args, commands.get(args.command, parser)
+        args, unknown = parser.parse_known_args(argv)
+        if args.command is None:
+            given = f"unrecognized arguments: {' '.join(unknown)}; " if unknown else ""
+            parser.error(f"{given}a COMMAND is required: {_or(list(commands))}")
+        command = commands[args.command]
+        if unknown:  # reported with the usage of the command they were given to
+            command.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return args, command
     run = commands["run"]
     options, target, module_flag = _split_run(argv[1:])
     args, unknown = parser.parse_known_args(["run", *options])
@@ -536,6 +569,10 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, argparse.ArgumentParser
     else:
         run.error("the following arguments are required: SCRIPT (or -m MODULE)")
     return args, run
+
+
+def _or(names: list[str]) -> str:
+    return f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else "".join(names)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,6 +5,7 @@ The command line (:mod:`mps_helpers._cli`) prints between the steps; nothing her
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +16,21 @@ if TYPE_CHECKING:
 
     from mps_helpers._facts import Pipeline
 
-__all__ = ["DEFAULT_OUTPUT", "DEFAULT_PROMPT", "DemoImage", "demo_pipeline", "generate_image"]
+__all__ = [
+    "DEFAULT_OUTPUT",
+    "DEFAULT_PROMPT",
+    "DemoImage",
+    "check_output",
+    "demo_pipeline",
+    "generate_image",
+]
 
 DEFAULT_OUTPUT = "mps_helpers_demo.png"
 DEFAULT_PROMPT = "a photo of an astronaut riding a horse on mars"
+# A Hub repository id: NAME or ORGANISATION/NAME, each part of letters, digits, "-", "_" and
+# ".", neither starting nor ending with "-" or "." (what huggingface_hub accepts). "./x",
+# "/x/y" and "~/x" are paths.
+_HUB_ID = re.compile(r"(?:\w(?:[\w.-]*\w)?/)?\w(?:[\w.-]*\w)?")
 
 
 @dataclass(frozen=True)
@@ -40,18 +52,56 @@ def demo_pipeline(model: str | None, options: Mapping[str, Any]) -> Any:
 
     Raises:
         ImportError: no ``model`` and transformers (the ``testing`` extra) is missing.
+        FileNotFoundError: ``model`` is neither an existing path nor a Hub id (checked
+            before anything is loaded).
+        OSError: the model cannot be loaded (diffusers' message).
         ValueError: an option's value is invalid.
     """
+    from mps_helpers._quiet import quiet
+
+    # diffusers' pipelines import CLIPImageProcessor: no torchvision notice for the demo.
+    with quiet("torchvision-fallback"):
+        return _build(model, options)
+
+
+def _build(model: str | None, options: Mapping[str, Any]) -> Any:
     from mps_helpers._apply import prepare_pipeline
     from mps_helpers._load import load_pipeline
 
     if model is not None:
+        if not Path(model).expanduser().exists() and not _HUB_ID.fullmatch(model):
+            raise FileNotFoundError(
+                f"no model at {model!r}: it is neither a directory nor a Hub id "
+                "(ORGANISATION/NAME); pass a diffusers model directory or a Hub id such as "
+                "stable-diffusion-v1-5/stable-diffusion-v1-5"
+            )
         return load_pipeline(model, **options)
     from mps_helpers.testing import tiny_pipeline
 
     pipe = tiny_pipeline("sd")
     prepared = prepare_pipeline(pipe, **options)
     return pipe if prepared is None else prepared
+
+
+def check_output(output: str | Path) -> Path:
+    """Return ``output`` as an absolute path after checking that its directory exists.
+
+    Raises:
+        FileNotFoundError: the directory does not exist.
+        NotADirectoryError: the "directory" is a file.
+    """
+    path = Path(output).expanduser().resolve()
+    folder = path.parent
+    if not folder.exists():
+        raise FileNotFoundError(
+            f"cannot save the image to {path}: the directory {folder} does not exist; "
+            "create it, or pass another --output"
+        )
+    if not folder.is_dir():
+        raise NotADirectoryError(
+            f"cannot save the image to {path}: {folder} is not a directory; pass another --output"
+        )
+    return path
 
 
 def generate_image(
@@ -61,6 +111,9 @@ def generate_image(
 
     ``steps`` None uses the pipeline's own default. The noise comes from a CPU generator
     seeded with ``seed``: the same on every device.
+
+    Raises:
+        OSError: the image could not be saved; the message names the path and the reason.
     """
     import torch
 
@@ -71,7 +124,12 @@ def generate_image(
     start = time.perf_counter()
     image = pipe(prompt, **kwargs).images[0]
     seconds = time.perf_counter() - start
-    image.save(path, format="PNG")
+    try:
+        image.save(path, format="PNG")
+    except OSError as error:
+        reason = error.strerror or str(error)
+        message = f"cannot save the image to {path}: {reason}; pass another --output"
+        raise OSError(message) from error
     used = steps if steps is not None else _default_steps(pipe)
     return DemoImage(path, image.width, image.height, used, seconds)
 

@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from mps_helpers._batch import batch_size, bind_call, merge_outputs, merge_values, split_batch
 from mps_helpers._errors import BatchError, DistributedGenerationError
-from mps_helpers._util import DEVICES, has_multi_controlnet
+from mps_helpers._per_prompt import control_nets
+from mps_helpers._util import DEVICES
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     import torch
 
     from mps_helpers._facts import Pipeline
+    from mps_helpers._per_prompt import CallRoles
 
 __all__ = ["GATHER_CHOICES", "collect", "generate", "launched_processes", "share_kwargs"]
 
@@ -139,7 +141,9 @@ def generate(
     if state is None:
         _prepare_for(pipe, None)
         return pipe(**kwargs)
-    return _generate_share(pipe, kwargs, state, per_prompt=per_prompt, to_all=gather == "all")
+    return _generate_share(
+        pipe, kwargs, state, per_prompt=per_prompt, to_all=gather == "all", roles=bound.roles
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -209,8 +213,8 @@ def _process_state() -> Any:
     except ImportError:
         warnings.warn(
             f"this process is one of {launched} that a launcher started, but accelerate is not "
-            "installed: each process runs every prompt. Install the distributed extra "
-            '(pip install "mps_helpers[distributed]") to share the prompts between them.',
+            "installed: each process runs every prompt. Install accelerate (the distributed "
+            'extra: pip install "accelerate>=0.20") to share the prompts between them.',
             RuntimeWarning,
             stacklevel=3,
         )
@@ -267,11 +271,17 @@ class _Share:
 
 
 def _generate_share(
-    pipe: Pipeline, kwargs: dict[str, Any], state: Any, *, per_prompt: int, to_all: bool
+    pipe: Pipeline,
+    kwargs: dict[str, Any],
+    state: Any,
+    *,
+    per_prompt: int,
+    to_all: bool,
+    roles: CallRoles,
 ) -> Any:
     """Run this process's share of the prompts and return the gathered result (or None)."""
     processes = int(state.num_processes)
-    prompts = batch_size(kwargs)
+    prompts = batch_size(kwargs, roles)
     generator = kwargs.get("generator")
     if generator is not None and not isinstance(generator, list):
         raise ValueError(
@@ -288,10 +298,11 @@ def _generate_share(
             UserWarning,
             stacklevel=3,
         )
-    multi_control = has_multi_controlnet(pipe)
+    nets = control_nets(pipe)
+    multi_control = nets > 0
     # Validates every per-prompt length, on every process alike, before any work.
     items = split_batch(
-        kwargs, prompts, num_images_per_prompt=per_prompt, multi_control=multi_control
+        kwargs, prompts, num_images_per_prompt=per_prompt, multi_control=nets, roles=roles
     )
     with state.split_between_processes(list(range(prompts))) as mine:
         indices = tuple(int(i) for i in mine)
@@ -351,8 +362,14 @@ def share_kwargs(
         parts = [items[i][name] for i in indices]
         if all(part is value for part in parts):
             share[name] = value
-        elif multi_control and name in ("image", "control_image") and isinstance(value, list):
-            # One entry per ControlNet, each split on its own (or shared by every prompt).
+        elif (
+            multi_control
+            and name in ("image", "control_image")
+            and isinstance(value, list)
+            and not any(isinstance(entry, list) for entry in value)
+        ):
+            # One entry per ControlNet, each split on its own (or shared by every prompt); a
+            # nested list (one list per prompt) is joined back as any list.
             share[name] = [
                 entry
                 if all(part[j] is entry for part in parts)

@@ -19,8 +19,9 @@ the printable ASCII characters and maps the rest to ``<unk>``. Every text encode
 ``local_files_only=True``. Tested with transformers 5.24 + diffusers 0.42 and with
 transformers 4.57 + diffusers 0.35.
 
-This module needs the ``testing`` extra (``pip install "mps_helpers[testing]"``, which brings
-transformers); importing it without transformers raises ImportError saying so.
+This module needs the ``testing`` extra, which brings transformers (from a clone:
+``pip install ".[testing]"``, or ``pip install "transformers>=4.30"``); importing it without
+transformers raises ImportError saying so.
 
 .. versionadded:: 0.1
 """
@@ -30,6 +31,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 if importlib.util.find_spec("transformers") is None:
     raise ImportError(
         "mps_helpers.testing needs transformers, which is not installed: "
-        'install the testing extra with pip install "mps_helpers[testing]"',
+        'pip install "transformers>=4.30" (the testing extra)',
         name="transformers",
     )
 
@@ -48,7 +50,16 @@ if TYPE_CHECKING:
 
 __all__ = ["KINDS", "save_tiny_pipeline", "sd15_pipeline", "tiny_pipeline"]
 
-KINDS: tuple[str, ...] = ("sd", "sd-img2img", "sd-inpaint", "sdxl", "sd3")
+KINDS: tuple[str, ...] = (
+    "sd",
+    "sd-img2img",
+    "sd-inpaint",
+    "sdxl",
+    "sd3",
+    "flux",
+    "wan",
+    "stable-audio",
+)
 """The pipeline families :func:`tiny_pipeline` builds."""
 
 # CLIP's context length; diffusers reads it from the tokenizer's ``model_max_length``.
@@ -72,12 +83,21 @@ def tiny_pipeline(kind: str = "sd", *, seed: int = 0) -> Any:
             (StableDiffusionImg2ImgPipeline), ``"sd-inpaint"`` (StableDiffusionInpaintPipeline,
             9-channel UNet), ``"sdxl"`` (StableDiffusionXLPipeline, two text encoders),
             ``"sd3"`` (StableDiffusion3Pipeline: an SD3Transformer2DModel, two CLIP encoders
-            with projection and a 2-layer T5 encoder with an ASCII tokenizer).
+            with projection and a 2-layer T5 encoder with an ASCII tokenizer), ``"flux"``
+            (FluxPipeline: a FluxTransformer2DModel, a CLIP and a T5 encoder), ``"wan"``
+            (WanPipeline, text to video: a WanTransformer3DModel, AutoencoderKLWan and a UMT5
+            encoder), ``"stable-audio"`` (StableAudioPipeline: a StableAudioDiTModel, an
+            AutoencoderOobleck and a T5 encoder; 2-second stereo clips of 8 samples; an
+            EDMDPMSolverMultistepScheduler, as Stable Audio's own scheduler needs torchsde).
         seed: the same seed gives the same weights, whatever the caller's random state; the
             caller's global torch random state is left as it was.
 
     The pipeline is on the CPU in float32, in eval mode, with its progress bar disabled;
-    SD-family pipelines have no safety checker. Every kind's default output size is 64x64 px.
+    SD-family pipelines have no safety checker. Every image kind's default output size is
+    64x64 px (Flux's through the instance's ``default_sample_size``, which a saved and
+    reloaded copy does not keep: pass ``height`` and ``width`` to one). Wan's call defaults
+    are Wan's own (480x832 px, 81 frames): pass small ones, e.g. ``height=16, width=16,
+    num_frames=5``.
     The return type is Any for type checkers (diffusers' lazy module hides its classes from
     them); at run time it is the diffusers pipeline class named above.
 
@@ -188,7 +208,7 @@ def _tokenizer() -> Any:
         )
 
 
-def _t5_tokenizer() -> Any:
+def _t5_tokenizer(max_length: int = 512) -> Any:
     """Return a T5 tokenizer of printable ASCII characters, built without a download.
 
     Other characters become ``<unk>``, as characters outside T5's SentencePiece model do.
@@ -211,7 +231,7 @@ def _t5_tokenizer() -> Any:
         return transformers.T5TokenizerFast.from_pretrained(
             folder,
             extra_ids=0,
-            model_max_length=512,
+            model_max_length=max_length,
             eos_token="</s>",
             unk_token="<unk>",
             pad_token="<pad>",
@@ -248,10 +268,11 @@ def _text_config(tokenizer: Any, **sizes: Any) -> Any:
 # every kind defaults to 64 px.
 
 
-def _sd_unet(in_channels: int = 4) -> Any:
+def _sd_unet(in_channels: int = 4, **extra: Any) -> Any:
     diffusers = _diffusers()
 
     return diffusers.UNet2DConditionModel(
+        **extra,
         block_out_channels=(32, 64),
         layers_per_block=2,
         sample_size=32,
@@ -357,6 +378,27 @@ def _build_sdxl() -> Any:
     )
 
 
+def _flow_vae(*, channels: tuple[int, int], latent_channels: int) -> Any:
+    """Return the 2-block VAE of SD3 and Flux (no quant convs, their shift and scale)."""
+    diffusers = _diffusers()
+
+    return diffusers.AutoencoderKL(
+        sample_size=64,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=channels,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+
+
 def _build_sd3() -> Any:
     diffusers = _diffusers()
     transformers = _transformers()
@@ -376,21 +418,7 @@ def _build_sd3() -> Any:
         pooled_projection_dim=64,
         out_channels=4,
     )
-    vae = diffusers.AutoencoderKL(
-        sample_size=64,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=1,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
-    )
+    vae = _flow_vae(channels=(8, 16), latent_channels=4)
     tokenizer = _tokenizer()
     tokenizer_2 = _tokenizer()
     text_encoder = transformers.CLIPTextModelWithProjection(_text_config(tokenizer))
@@ -426,12 +454,160 @@ def _build_sd3() -> Any:
     )
 
 
+def _t5_encoder(tokenizer: Any, *, width: int = 32, umt5: bool = False) -> Any:
+    """Return a 2-layer T5 (or UMT5) encoder whose vocabulary is ``tokenizer``'s."""
+    transformers = _transformers()
+
+    config_class = transformers.UMT5Config if umt5 else transformers.T5Config
+    model_class = transformers.UMT5EncoderModel if umt5 else transformers.T5EncoderModel
+    return model_class(
+        config_class(
+            vocab_size=len(tokenizer),
+            d_model=width,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
+def _build_flux() -> Any:
+    diffusers = _diffusers()
+    transformers = _transformers()
+
+    transformer = diffusers.FluxTransformer2DModel(
+        patch_size=1,
+        # 2x2 patches of the VAE's 1-channel latents
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # the T5 encoder's width
+        pooled_projection_dim=32,  # the CLIP encoder's
+        axes_dims_rope=(4, 4, 8),
+    )
+    vae = _flow_vae(channels=(4, 8), latent_channels=1)
+    tokenizer = _tokenizer()
+    tokenizer_2 = _t5_tokenizer()
+    pipe = diffusers.FluxPipeline(
+        transformer=transformer,
+        vae=vae,
+        text_encoder=transformers.CLIPTextModel(_text_config(tokenizer)),
+        tokenizer=tokenizer,
+        text_encoder_2=_t5_encoder(tokenizer_2),
+        tokenizer_2=tokenizer_2,
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+    )
+    # Flux's default is 128 latents (1024 px with its VAE); 32 latents here make 64 px.
+    pipe.default_sample_size = 32
+    return pipe
+
+
+def _build_wan() -> Any:
+    diffusers = _diffusers()
+
+    vae = diffusers.AutoencoderKLWan(
+        base_dim=3,
+        z_dim=16,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+    )
+    transformer = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    tokenizer = _t5_tokenizer()
+    return diffusers.WanPipeline(
+        transformer=transformer,
+        vae=vae,
+        text_encoder=_t5_encoder(tokenizer, umt5=True),
+        tokenizer=tokenizer,
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0),
+    )
+
+
+def _build_stable_audio() -> Any:
+    diffusers = _diffusers()
+
+    transformer = diffusers.StableAudioDiTModel(
+        sample_size=4,
+        in_channels=3,
+        num_layers=2,
+        attention_head_dim=4,
+        num_key_value_attention_heads=2,
+        out_channels=3,
+        cross_attention_dim=4,
+        time_proj_dim=8,
+        global_states_input_dim=8,  # start and end seconds, 4 each
+        cross_attention_input_dim=4,
+    )
+    with warnings.catch_warnings():
+        # diffusers builds this VAE with torch's deprecated weight_norm: not the caller's
+        # concern when they only asked for a test pipeline.
+        warnings.filterwarnings("ignore", "`torch.nn.utils.weight_norm`", FutureWarning)
+        vae = diffusers.AutoencoderOobleck(
+            encoder_hidden_size=6,
+            downsampling_ratios=[1, 2],
+            decoder_channels=3,
+            decoder_input_channels=3,
+            audio_channels=2,
+            channel_multiples=[2, 4],
+            sampling_rate=4,
+        )
+    tokenizer = _t5_tokenizer(max_length=32)
+    text_encoder = _t5_encoder(tokenizer)
+    projection = diffusers.StableAudioProjectionModel(
+        text_encoder_dim=text_encoder.config.d_model,
+        conditioning_dim=4,
+        min_value=0,
+        max_value=32,
+    )
+    # Stable Audio's own CosineDPMSolverMultistepScheduler draws its noise through torchsde,
+    # which diffusers does not install; the same DPM-Solver++ 2M on EDM sigmas needs nothing.
+    scheduler = diffusers.EDMDPMSolverMultistepScheduler(
+        solver_order=2,
+        prediction_type="v_prediction",
+        sigma_data=1.0,
+        sigma_schedule="exponential",
+    )
+    return diffusers.StableAudioPipeline(
+        transformer=transformer,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        projection_model=projection,
+        scheduler=scheduler,
+    )
+
+
 _BUILDERS = {
     "sd": _build_sd,
     "sd-img2img": _build_sd_img2img,
     "sd-inpaint": _build_sd_inpaint,
     "sdxl": _build_sdxl,
     "sd3": _build_sd3,
+    "flux": _build_flux,
+    "wan": _build_wan,
+    "stable-audio": _build_stable_audio,
 }
 
 

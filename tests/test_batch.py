@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from collections import OrderedDict
-from typing import Any
+from typing import Any, List, Optional, Union  # noqa: UP035 - the spellings diffusers uses
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from mps_helpers._batch import (
     merge_values,
     split_batch,
 )
+from mps_helpers._per_prompt import count_prompts, roles_of
 
 
 class _Pipe:
@@ -71,6 +73,162 @@ def test_call_signature_drops_the_bound_instance_and_is_cached_per_function() ->
     second = call_signature(functools.partial(_Pipe.__call__, _Pipe()))
     assert next(iter(first.parameters)) == "prompt"
     assert first is second
+
+
+# ---------------------------------------------------------------------------------------
+# roles_of: which arguments are per prompt, from the signature
+
+
+def _roles(cls_name: str) -> Any:
+    import diffusers
+
+    return roles_of(inspect.signature(getattr(diffusers, cls_name).__call__))
+
+
+def test_roles_of_audioldm2_include_its_generated_embeddings_and_masks() -> None:
+    roles = _roles("AudioLDM2Pipeline")
+    for name in (
+        "prompt_embeds",
+        "negative_prompt_embeds",
+        "generated_prompt_embeds",
+        "negative_generated_prompt_embeds",
+        "attention_mask",
+        "negative_attention_mask",
+    ):
+        assert name in roles.rows
+    assert "transcription" in roles.text
+    assert roles.multiplicity == "num_waveforms_per_prompt"
+
+
+def test_roles_of_stable_audio_leave_its_initial_audio_alone() -> None:
+    roles = _roles("StableAudioPipeline")
+    assert {"attention_mask", "negative_attention_mask"} <= set(roles.rows)
+    assert "initial_audio_waveforms" not in roles.rows
+    assert roles.multiplicity == "num_waveforms_per_prompt"
+
+
+def test_roles_of_video_and_kandinsky_pipelines() -> None:
+    assert _roles("WanPipeline").multiplicity == "num_videos_per_prompt"
+    assert _roles("AnimateDiffPipeline").multiplicity == "num_videos_per_prompt"
+    kandinsky = _roles("KandinskyV22Pipeline")
+    assert {"image_embeds", "negative_image_embeds"} <= set(kandinsky.rows)
+
+
+def test_roles_of_sd_never_cut_adapter_inputs_schedules_or_callback_names() -> None:
+    roles = _roles("StableDiffusionPipeline")
+    everything = {*roles.text, *roles.rows, *roles.images, *roles.per_image}
+    for name in (
+        "ip_adapter_image",
+        "ip_adapter_image_embeds",
+        "timesteps",
+        "sigmas",
+        "callback_on_step_end_tensor_inputs",
+        "output_type",
+    ):
+        assert name not in everything
+
+
+def test_roles_of_controlnet_img2img_name_control_image_for_the_controlnets() -> None:
+    assert _roles("StableDiffusionControlNetImg2ImgPipeline").control == ("control_image",)
+    assert _roles("StableDiffusionControlNetPipeline").control == ("image",)
+
+
+class _ControlImg2Img:
+    def __call__(self, prompt: Any = None, image: Any = None, control_image: Any = None) -> Any:
+        return None
+
+
+class _OldStyle:
+    """typing spellings, as older diffusers releases annotate."""
+
+    def __call__(
+        self,
+        caption: Union[str, List[str]] = "",  # noqa: UP006, UP007
+        tags: List[str] = (),  # noqa: UP006 - a list of names, not per prompt
+        text_embeds: Optional[Any] = None,  # noqa: UP045
+        num_clips_per_prompt: int = 3,
+        **kwargs: Any,
+    ) -> Any:
+        return None
+
+
+def test_roles_of_typing_spellings_and_the_name_list_fallback() -> None:
+    roles = roles_of(inspect.signature(_OldStyle.__call__))
+    assert "caption" in roles.text
+    assert "tags" not in roles.text
+    assert "text_embeds" not in roles.rows  # not annotated as a tensor
+    assert "prompt_embeds" in roles.rows  # the fallback, for **kwargs
+    assert roles.multiplicity == "num_clips_per_prompt"
+    bound = bind_call(functools.partial(_OldStyle.__call__, _OldStyle()), (), {})
+    assert bound is not None
+    assert bound.num_images_per_prompt == 3
+
+
+def test_roles_are_derived_once_per_signature() -> None:
+    signature = inspect.signature(_OldStyle.__call__)
+    assert roles_of(signature) is roles_of(signature)
+
+
+def test_signatures_made_afresh_do_not_pile_up_in_the_cache() -> None:
+    from mps_helpers import _per_prompt
+
+    for _ in range(_per_prompt._CACHE_SIZE + 10):
+        roles_of(inspect.signature(_OldStyle.__call__))
+    assert len(_per_prompt._roles_cache) <= _per_prompt._CACHE_SIZE
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"image_embeds": torch.zeros(3, 8), "negative_image_embeds": torch.zeros(3, 8)}, 3),
+        ({"image_embeds": [torch.zeros(1, 8)] * 2}, 2),
+        ({"negative_image_embeds": torch.zeros(2, 8)}, 2),
+        ({"prompt": "a", "image_embeds": torch.zeros(3, 8)}, 1),
+    ],
+)
+def test_count_prompts_reads_any_embedding(kwargs: dict[str, Any], expected: int) -> None:
+    assert count_prompts(kwargs, _roles("KandinskyV22Pipeline")) == expected
+
+
+def test_split_cuts_audioldm2_generated_embeddings_and_masks() -> None:
+    roles = _roles("AudioLDM2Pipeline")
+    kwargs = {
+        "prompt_embeds": torch.arange(2.0).reshape(2, 1, 1),
+        "generated_prompt_embeds": torch.arange(2.0).reshape(2, 1, 1),
+        "attention_mask": torch.ones(2, 4, dtype=torch.long),
+        "negative_attention_mask": torch.ones(2, 4, dtype=torch.long),
+        "initial_audio_waveforms": torch.zeros(2, 8),  # not an AudioLDM2 argument: shared
+        "num_waveforms_per_prompt": 2,
+        "generator": [torch.Generator() for _ in range(4)],
+    }
+    given = {k: v for k, v in kwargs.items() if k != "initial_audio_waveforms"}
+    bound = bind_call(functools.partial(_audioldm2_call(), None), (), given)
+    assert bound is not None
+    assert bound.num_images_per_prompt == 2
+    items = split_batch(kwargs, count_prompts(kwargs, roles), num_images_per_prompt=2, roles=roles)
+    assert len(items) == 2
+    for i, item in enumerate(items):
+        assert item["generated_prompt_embeds"].flatten().tolist() == [float(i)]
+        assert item["attention_mask"].shape == (1, 4)
+        assert item["negative_attention_mask"].shape == (1, 4)
+        assert len(item["generator"]) == 2
+        assert item["initial_audio_waveforms"] is kwargs["initial_audio_waveforms"]
+
+
+def test_split_shares_a_derived_embedding_of_another_length() -> None:
+    roles = _roles("KandinskyV22Pipeline")
+    one = torch.zeros(1, 8)
+    items = split_batch(
+        {"image_embeds": torch.zeros(2, 8), "negative_image_embeds": one}, 2, roles=roles
+    )
+    assert all(item["negative_image_embeds"] is one for item in items)
+    assert [item["image_embeds"].shape[0] for item in items] == [1, 1]
+
+
+def _audioldm2_call() -> Any:
+    import diffusers
+
+    return diffusers.AudioLDM2Pipeline.__call__
 
 
 # ---------------------------------------------------------------------------------------
@@ -184,13 +342,46 @@ def test_split_gives_a_single_image_to_every_prompt(single: Any) -> None:
     assert all(item["image"] is value for item in items)
 
 
-def test_split_cuts_each_controlnets_images_with_several_controlnets() -> None:
-    per_prompt = [object(), object()]
+def test_split_gives_a_flat_per_controlnet_list_to_every_prompt() -> None:
+    # [net1, net2]: one image per ControlNet, for all prompts (also with 2 prompts, 2 nets)
+    images = [object(), object()]
+    items = split_batch({"prompt": ["a", "b"], "image": images}, 2, multi_control=2)
+    assert all(item["image"] is images for item in items)
+
+
+def test_split_cuts_each_controlnets_batch_in_a_flat_list() -> None:
+    batch = torch.arange(2.0).reshape(2, 1, 1, 1)
     shared = object()
+    items = split_batch({"prompt": ["a", "b"], "image": [batch, shared]}, 2, multi_control=2)
+    assert [item["image"][1] for item in items] == [shared, shared]
+    assert [item["image"][0].tolist() for item in items] == [[[[[0.0]]]], [[[[1.0]]]]]
+
+
+def test_split_cuts_a_nested_controlnet_list_per_prompt() -> None:
+    # [[p1_net1, p1_net2], [p2_net1, p2_net2]], as diffusers reads a nested list
+    first, second = [object(), object()], [object(), object()]
+    items = split_batch({"prompt": ["a", "b"], "image": [first, second]}, 2, multi_control=2)
+    assert [item["image"] for item in items] == [[first], [second]]
+
+
+def test_split_rejects_a_nested_controlnet_list_of_the_wrong_length() -> None:
+    nested = [[object(), object()]] * 3
+    with pytest.raises(ValueError, match="image has 3 items but the batch has 2 prompts"):
+        split_batch({"prompt": ["a", "b"], "image": nested}, 2, multi_control=2)
+
+
+def test_split_cuts_control_image_not_the_init_image_of_a_controlnet_img2img() -> None:
+    roles = roles_of(inspect.signature(_ControlImg2Img.__call__))
+    init = [object(), object()]
+    control = [object(), object()]  # one per ControlNet
     items = split_batch(
-        {"prompt": ["a", "b"], "image": [per_prompt, shared]}, 2, multi_control=True
+        {"prompt": ["a", "b"], "image": init, "control_image": control},
+        2,
+        multi_control=2,
+        roles=roles,
     )
-    assert [item["image"] for item in items] == [[per_prompt[:1], shared], [per_prompt[1:], shared]]
+    assert [item["image"] for item in items] == [init[:1], init[1:]]
+    assert all(item["control_image"] is control for item in items)
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,9 @@
 
 Most tests drive :func:`mps_helpers._call.prepared_call` directly with a hand-made plan (any
 object with the Plan fields), on real tiny pipelines from :mod:`mps_helpers.testing`, and
-compare with the pipeline's own batched call. Equivalence is "max abs difference <= 1e-4" on
-images in [0, 1] (PIL images are divided by 255), per EVIDENCE.md's batch-versus-loop figures.
+compare with the pipeline's own batched call. Equivalence is "max abs difference within
+``mps_helpers.loop_tolerance(dtype)``" (1e-4 in float32) on images in [0, 1] (PIL images are
+divided by 255), the figures of docs/explanation/batch-and-warmup.md.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from mps_helpers.testing import tiny_pipeline
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
-TOLERANCE = 1e-4
+TOLERANCE = mps_helpers.loop_tolerance("float32")
 SIZE = {"height": 32, "width": 32, "num_inference_steps": 2}
 
 
@@ -137,6 +138,25 @@ def test_loop_equals_batch_with_a_generator_list(
     if output_type != "pil":
         assert looped.images.shape == batched.images.shape
     assert max_diff(looped.images, batched.images) <= TOLERANCE
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_loop_is_within_the_dtypes_tolerance(dtype: str) -> None:
+    # What loop_tolerance promises, in each dtype a plan chooses (measured far inside it on
+    # this CPU: tests/benchmarks/loop_exactness.py).
+    pipe = tiny_pipeline("sd").to(getattr(torch, dtype))
+    options = {"output_type": "np", **SIZE}
+    batched = pipe(PROMPTS, generator=generators(2), **options)
+    looped = run(pipe, LOOP, PROMPTS, generator=generators(2), **options)
+    assert max_diff(looped.images, batched.images) <= mps_helpers.loop_tolerance(dtype)
+
+
+def test_loop_tolerance_reads_dtypes_and_names() -> None:
+    assert mps_helpers.loop_tolerance(torch.bfloat16) == mps_helpers.loop_tolerance("bfloat16")
+    tolerances = [mps_helpers.loop_tolerance(d) for d in ("float32", "float16", "bfloat16")]
+    assert tolerances == sorted(tolerances)  # coarser dtypes round more
+    with pytest.raises(ValueError, match="dtype must be one of float32, float16, bfloat16"):
+        mps_helpers.loop_tolerance(torch.float64)
 
 
 def test_the_equivalence_check_would_see_wrongly_split_generators(sd: Any) -> None:
@@ -351,6 +371,23 @@ def test_progress_bar_honours_disable(sd: Any, capsys: pytest.CaptureFixture[str
     assert sd._progress_bar_config == {"disable": True}
 
 
+def test_the_loop_never_calls_the_pipelines_progress_bar(sd: Any) -> None:
+    # Kandinsky 2.2's combined pipeline overrides progress_bar (returning None, and turning
+    # on model offloading): the prompt bar must not come from it.
+    calls: list[dict[str, Any]] = []
+
+    def overridden(iterable: Any = None, total: Any = None) -> None:
+        calls.append({"total": total})
+
+    sd.progress_bar = overridden
+    try:
+        with pytest.raises(TypeError):  # the pipeline's own loop uses it, and fails
+            run(sd, LOOP, [*PROMPTS, "a green cone"], output_type="latent", **SIZE)
+    finally:
+        del sd.progress_bar
+    assert calls == [{"total": 2}]  # the first prompt's 2 steps; never the loop's 3 prompts
+
+
 # ---------------------------------------------------------------------------------------
 # Errors
 
@@ -371,6 +408,49 @@ def test_mismatched_lengths_fail_before_any_call(
     with pytest.raises(ValueError, match=message):
         run(sd, plan, PROMPTS, spy=spy, num_images_per_prompt=2, **kwargs, **SIZE)
     assert spy.calls == []  # neither the warmup nor a prompt ran
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "message"),
+    [
+        (([],), {}, "prompt is an empty list: pass at least one prompt"),
+        ((), {"prompt": []}, "prompt is an empty list: pass at least one prompt"),
+        (("x",), {"num_inference_steps": 0}, "num_inference_steps must be at least 1, got 0"),
+        (("x", 32, 32, -1), {}, "num_inference_steps must be at least 1, got -1"),
+    ],
+)
+@pytest.mark.parametrize("plan", [make_plan(), make_plan(batch_to_loop=True, warmup=True)])
+def test_arguments_no_pipeline_can_run_fail_before_any_call(
+    sd: Any, plan: Any, args: tuple[Any, ...], kwargs: dict[str, Any], message: str
+) -> None:
+    # Unprepared, diffusers ends in an IndexError (the tokenizer, for []) or a
+    # ZeroDivisionError (the scheduler, for 0 steps), after the text encoder has run.
+    spy = Spy(sd)
+    with pytest.raises(ValueError, match=message):
+        run(sd, plan, *args, spy=spy, **kwargs)
+    assert spy.calls == []  # neither the warmup nor the pipeline ran
+
+
+def test_a_prepared_pipeline_rejects_an_empty_prompt_list_and_zero_steps() -> None:
+    pipe = mps_helpers.prepare_pipeline(tiny_pipeline("sd"), device="cpu")
+    with pytest.raises(ValueError, match="prompt is an empty list"):
+        pipe([], **SIZE)
+    with pytest.raises(ValueError, match="num_inference_steps must be at least 1, got 0"):
+        pipe("a fox", height=32, width=32, num_inference_steps=0)
+
+
+def test_valid_steps_and_prompts_pass_the_check() -> None:
+    # Checked without binding: steps given by name or by position, a one-item list, and
+    # a call whose signature takes *args are all left alone.
+    def call(
+        prompt: Any = None, height: int = 0, width: int = 0, num_inference_steps: int = 1
+    ) -> str:
+        return "ran"
+
+    pipe = SimpleNamespace(_mps_helpers_plan=make_plan())
+    assert prepared_call(pipe, call, (["x"], 32, 32, 1), {}) == "ran"
+    assert prepared_call(pipe, lambda *a, **k: "ran", ([],), {}) == "ran"
+    assert prepared_call(pipe, call, (), {"prompt": "x", "num_inference_steps": True}) == "ran"
 
 
 @pytest.mark.parametrize(("prompts", "fail_at"), [(3, 1), (3, 2), (2, 0)])

@@ -55,6 +55,30 @@ def test_usage_errors_exit_2_without_traceback(args: list[str]) -> None:
     assert "Traceback" not in done.stderr
 
 
+def test_an_unknown_option_before_the_command_is_named_with_the_commands(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        _cli.main(["--bogus"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: mps-helpers ")
+    assert "unrecognized arguments: --bogus" in err
+    assert "doctor, run or demo" in err
+
+
+@pytest.mark.parametrize("command", ["doctor", "demo"])
+def test_an_unknown_option_of_a_command_shows_that_commands_usage(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        _cli.main([command, "--bogus"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: mps-helpers {command} ")
+    assert err.rstrip().endswith(f"mps-helpers {command}: error: unrecognized arguments: --bogus")
+
+
 def test_console_script_is_declared() -> None:
     from importlib import metadata
 
@@ -78,6 +102,25 @@ def test_doctor_exit_status_follows_errors(
         if f.fix:
             assert f.fix in out
     assert ("Not ready" in out) == (status == 1)
+
+
+@pytest.mark.parametrize("name", sorted(MACHINES))
+def test_doctor_verdict_follows_what_was_found(
+    name: str, fake_machine: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = MACHINES[name]
+    fake_machine(name)  # type: ignore[operator]
+    status = _cli.main(["doctor"])
+    verdict = capsys.readouterr().out.rstrip().splitlines()[-1]
+    if status:
+        assert verdict == "Not ready: fix the errors above."
+        return
+    assert verdict.startswith("Ready: ")
+    # Only the devices that were found usable are named as where pipelines will run.
+    assert ("run on mps" in verdict) == env.mps_available
+    assert ("run on CUDA" in verdict) == env.cuda_available
+    assert ("run on the CPU" in verdict) == (not env.mps_available and not env.cuda_available)
+    assert "or the CPU" not in verdict
 
 
 def test_doctor_json_for_rosetta(fake_machine: object, capsys: pytest.CaptureFixture[str]) -> None:

@@ -143,6 +143,34 @@ def test_an_exception_prints_the_scripts_traceback_and_exits_1(
     assert err.rstrip().endswith("LookupError: raised by the script")
 
 
+@pytest.mark.parametrize("target", ["directory", "-m"])
+def test_a_target_python_cannot_start_is_one_line_not_a_runpy_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], target: str
+) -> None:
+    argv = [str(tmp_path)] if target == "directory" else ["-m", "no_such_module_of_h12c"]
+    assert _cli.main(["run", *argv]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    expected = (
+        f"can't find '__main__' module in {str(tmp_path)!r}"
+        if target == "directory"
+        else "No module named no_such_module_of_h12c"
+    )
+    assert err.startswith(f"mps-helpers run: error: {expected}: ")
+    assert "pass a Python script" in err
+
+
+def test_an_import_error_of_the_script_itself_keeps_its_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script = tmp_path / "imports.py"
+    script.write_text("import no_such_module_of_h12c\n", encoding="utf-8")
+    assert _cli.main(["run", str(script)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):\n")
+    assert str(script) in err
+
+
 def test_module_runs_as_main(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

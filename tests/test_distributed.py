@@ -332,6 +332,21 @@ def test_share_kwargs_cuts_per_prompt_arguments_and_keeps_shared_ones() -> None:
     assert torch.equal(share["latents"], latents[3:])
 
 
+def test_share_kwargs_joins_nested_and_flat_controlnet_images() -> None:
+    from mps_helpers._batch import split_batch
+
+    nested = [[f"p{i}-net1", f"p{i}-net2"] for i in range(5)]
+    items = split_batch({"prompt": PROMPTS, "image": nested}, 5, multi_control=2)
+    share = share_kwargs({"prompt": PROMPTS, "image": nested}, items, [1, 3], multi_control=True)
+    assert share["image"] == [nested[1], nested[3]]
+    batch, shared = torch.arange(5.0).reshape(5, 1, 1, 1), object()
+    flat = {"prompt": PROMPTS, "image": [batch, shared]}
+    items = split_batch(flat, 5, multi_control=2)
+    share = share_kwargs(flat, items, [1, 3], multi_control=True)
+    assert share["image"][1] is shared
+    assert share["image"][0].flatten().tolist() == [1.0, 3.0]
+
+
 # ---------------------------------------------------------------------------------------
 # Collecting the shares
 

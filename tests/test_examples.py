@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from _threads import one_thread_env
 
+import mps_helpers
 from mps_helpers import _cli
 from mps_helpers._auto import AutoPrepareWarning
 
@@ -82,8 +83,16 @@ def test_low_memory_explains_both_plans(tmp_path: Path, capsys: pytest.CaptureFi
         assert f"{lever:<25} True       asked for" in here
 
 
+@pytest.mark.parametrize(
+    "cpu",
+    [
+        "float32",
+        # The plan's own dtype for this CPU: bfloat16 where it computes it natively.
+        pytest.param("real", marks=pytest.mark.real_cpu_dtype),
+    ],
+)
 def test_several_prompts_loop_equals_batch(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], cpu: str
 ) -> None:
     main = example("several_prompts.py")["main"]
     assert main(["--steps", "2", "--loop", "on", "--check"]) == 0
@@ -96,6 +105,8 @@ def test_several_prompts_loop_equals_batch(
     assert "3 prompts on " in out
     assert "as a loop of single-prompt calls" in out
     assert "largest pixel difference between loop and batch" in out
+    dtype = "float32" if cpu == "float32" else str(mps_helpers.plan_for().dtype)[6:]
+    assert f"({dtype} allows {mps_helpers.loop_tolerance(dtype):.1e})" in out
 
 
 def test_existing_script_runs_unchanged_under_run(
@@ -147,3 +158,22 @@ def test_downstream_tests_pass_under_pytest(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "6 passed" in done.stdout
+
+
+def test_multi_gpu_runs_offline_without_a_model_argument(tmp_path: Path) -> None:
+    # A subprocess, offline: with no --model the example must not reach for the Hub.
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "multi_gpu.py"), "--steps", "2", "--prompts", "2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        cwd=tmp_path,
+        env={**one_thread_env(), "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert sorted(p.name for p in (tmp_path / "multi-gpu-images").iterdir()) == [
+        "000.png",
+        "001.png",
+    ]

@@ -32,6 +32,8 @@ LAYERS: dict[str, int] = {
     "_markers": 0,
     "_util": 0,
     "_version": 0,
+    # scoped filters for third-party log lines that say nothing
+    "_quiet": 0,
     # thin I/O probes and their pure parsers
     "_probes": 1,
     # the environment snapshot
@@ -63,6 +65,9 @@ LAYERS: dict[str, int] = {
     "_oom_retry": 5,
     "_memory_watch": 5,
     "_release": 5,
+    # per-prompt arguments read from the signature; the library's own progress bars
+    "_per_prompt": 5,
+    "_progress": 5,
     # the prepared call
     "_call": 6,
     # applying a plan, loading with one

@@ -25,6 +25,9 @@ EXPECTED_CLASSES = {
     "sd-inpaint": "StableDiffusionInpaintPipeline",
     "sdxl": "StableDiffusionXLPipeline",
     "sd3": "StableDiffusion3Pipeline",
+    "flux": "FluxPipeline",
+    "wan": "WanPipeline",
+    "stable-audio": "StableAudioPipeline",
 }
 # (tokenizer, text encoder) attribute pairs of each family
 ENCODERS = {
@@ -37,6 +40,12 @@ ENCODERS = {
     ],
 }
 ENCODERS["sd-img2img"] = ENCODERS["sd-inpaint"] = ENCODERS["sd"]
+ENCODERS["flux"] = [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")]
+ENCODERS["wan"] = ENCODERS["stable-audio"] = [("tokenizer", "text_encoder")]
+# What one prompt's 2-step call returns (np): images, Wan's frames, Stable Audio's waveform.
+OUTPUT_SHAPES = dict.fromkeys(EXPECTED_CLASSES, (1, 64, 64, 3))
+OUTPUT_SHAPES["wan"] = (1, 5, 16, 16, 3)
+OUTPUT_SHAPES["stable-audio"] = (1, 2, 7)
 
 PROMPT = "a photo of a cat"
 LONG_PROMPT = (
@@ -62,13 +71,17 @@ def call_inputs(kind: str, *, prompt: str = PROMPT) -> dict[str, Any]:
         mask = np.zeros((64, 64), dtype=np.uint8)
         mask[16:48, 16:48] = 255
         inputs["mask_image"] = Image.fromarray(mask)
+    if kind == "wan":
+        inputs.update(height=16, width=16, num_frames=5)
     return inputs
 
 
 def run(pipe: Any, kind: str, *, prompt: str = PROMPT) -> np.ndarray[Any, Any]:
-    images = pipe(**call_inputs(kind, prompt=prompt)).images
-    assert isinstance(images, np.ndarray)
-    return images
+    output = pipe(**call_inputs(kind, prompt=prompt))
+    field = {"wan": "frames", "stable-audio": "audios"}.get(kind, "images")
+    result = getattr(output, field)
+    assert isinstance(result, np.ndarray)
+    return result
 
 
 # The CPU here is shared: build each seed-0 pipeline and run its baseline call once per
@@ -114,11 +127,12 @@ def test_kind_builds_and_runs(kind: str) -> None:
     if hasattr(pipe, "safety_checker"):
         assert pipe.safety_checker is None
     images = baseline(kind)
-    assert images.shape == (1, 64, 64, 3)
+    assert images.shape == OUTPUT_SHAPES[kind]
     assert np.isfinite(images).all()
-    assert images.min() >= 0.0
-    assert images.max() <= 1.0
-    assert images.std() > 0.01  # random weights still give a non-constant image
+    if kind != "stable-audio":  # a waveform is not in [0, 1]
+        assert images.min() >= 0.0
+        assert images.max() <= 1.0
+    assert images.std() > 0.01  # random weights still give a non-constant output
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -147,7 +161,7 @@ def test_building_leaves_the_callers_random_state_alone() -> None:
     assert torch.equal(torch.rand(4), expected)
 
 
-@pytest.mark.parametrize("kind", ["sd", "sdxl", "sd3"])
+@pytest.mark.parametrize("kind", ["sd", "sdxl", "sd3", "flux", "wan", "stable-audio"])
 def test_saved_pipeline_loads_offline_and_matches(kind: str, tmp_path: Path) -> None:
     from diffusers import DiffusionPipeline
 
@@ -159,6 +173,8 @@ def test_saved_pipeline_loads_offline_and_matches(kind: str, tmp_path: Path) -> 
 
     loaded = DiffusionPipeline.from_pretrained(written, local_files_only=True)
     loaded.set_progress_bar_config(disable=True)
+    if kind == "flux":
+        loaded.default_sample_size = 32  # an attribute of the instance, not saved
     original = shared_pipeline(kind)
     assert type(loaded) is type(original)
     saved, built = weights(loaded), weights(original)
@@ -174,7 +190,7 @@ def test_saved_pipeline_loads_offline_and_matches(kind: str, tmp_path: Path) -> 
         assert after.model_max_length == before.model_max_length
 
 
-@pytest.mark.parametrize("bad", ["SD", "sd15", "", "flux-dev"])
+@pytest.mark.parametrize("bad", ["SD", "sd15", "", "flux-dev", "stable_audio"])
 def test_unknown_kind_is_rejected_listing_the_kinds(bad: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown tiny pipeline kind") as caught:
         tiny_pipeline(bad)
@@ -191,7 +207,9 @@ def test_missing_transformers_names_the_extra(monkeypatch: pytest.MonkeyPatch) -
     # absent; monkeypatch puts both entries back afterwards.
     monkeypatch.setitem(sys.modules, "transformers", None)
     monkeypatch.delitem(sys.modules, "mps_helpers.testing")
-    with pytest.raises(ImportError, match=r'pip install "mps_helpers\[testing\]"') as caught:
+    # The package that is missing, installable from any index (mps_helpers is on none yet).
+    match = r'pip install "transformers>=4\.30" \(the testing extra\)'
+    with pytest.raises(ImportError, match=match) as caught:
         importlib.import_module("mps_helpers.testing")
     assert caught.value.name == "transformers"
 

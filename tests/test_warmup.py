@@ -97,7 +97,7 @@ def test_warmup_is_once_per_pipeline_across_threads() -> None:
     counts = {"warmup": 0, "real": 0}
 
     def slow_call(**kwargs: Any) -> Any:
-        if kwargs["num_inference_steps"] == 1:
+        if kwargs.get("num_inference_steps") == 1:
             time.sleep(0.05)  # a wide window for other threads to arrive
         with lock:
             counts["warmup" if kwargs["num_inference_steps"] == 1 else "real"] += 1
@@ -253,9 +253,12 @@ def test_explicit_warmup_works_on_a_plain_pipeline(shared_sd: Any) -> None:
     _warmup._warmed.pop(shared_sd, None)
 
 
-def test_a_failed_explicit_warmup_raises_and_the_next_call_still_warms_up(sd: Any) -> None:
-    with pytest.raises(mps_helpers.WarmupError, match="divisible by 8"):
+def test_a_refused_explicit_warmup_raises_the_pipelines_error_and_the_next_call_warms_up(
+    sd: Any,
+) -> None:
+    with pytest.raises(ValueError, match="divisible by 8") as info:
         mps_helpers.warmup(sd, prompt="a", height=31, width=31)
+    assert type(info.value) is ValueError  # the pipeline's own, not wrapped
     spy = Spy(sd)
     prepared_call(sd, spy.call, ("a",), {"output_type": "latent", **SIZE})
     assert [call["num_inference_steps"] for call in spy.calls] == [1, 2]
@@ -274,3 +277,158 @@ def test_re_preparing_for_the_same_device_and_dtype_does_not_warm_up_again() -> 
         assert len(steps) == 1 + 2 + 2
     finally:
         handle.remove()
+
+
+# ---------------------------------------------------------------------------------------
+# The pipeline's own validation errors come out unchanged
+
+
+def test_a_pipeline_refusing_the_first_calls_arguments_raises_its_own_error(
+    sd: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    spy = Spy(sd)
+    with pytest.raises(ValueError, match="divisible by 8") as info:
+        prepared_call(sd, spy.call, ("a",), {"height": 31, "width": 31, "num_inference_steps": 2})
+    assert type(info.value) is ValueError
+    assert "refused the warmup pass" in caplog.text
+    # the warmup counts as done: a good call next runs without one
+    prepared_call(sd, spy.call, ("a",), {"output_type": "latent", **SIZE})
+    assert [call["num_inference_steps"] for call in spy.calls] == [1, 2, 2]
+
+
+def test_a_refused_warmup_lets_a_good_real_call_run() -> None:
+    def picky(**kwargs: Any) -> Any:
+        if kwargs.get("num_inference_steps") == 1:
+            raise ValueError("one step is not enough for me")
+        return fake_call(**kwargs)
+
+    pipe = FakePipe(make_plan())
+    result = prepared_call(pipe, functools.wraps(fake_call)(picky), ("a",), {})
+    assert result == {"prompt": "a", "steps": 50}  # the default: fake_call ran unwarmed
+
+
+def test_a_looped_batch_whose_first_prompt_is_refused_raises_the_pipelines_error(
+    sd: Any,
+) -> None:
+    sd._mps_helpers_plan = make_plan(warmup=False, batch_to_loop=True)
+    with pytest.raises(ValueError, match="divisible by 8") as info:
+        prepared_call(sd, Spy(sd).call, (["a", "b"],), {"height": 31, "width": 31})
+    assert type(info.value) is ValueError
+
+
+# ---------------------------------------------------------------------------------------
+# Steps the scheduler accepts, and the scheduler's state
+
+
+class _NoSingleStep:
+    """A scheduler stand-in that, like UnCLIPScheduler, cannot set one step."""
+
+    config: dict[str, Any] = {}  # noqa: RUF012 - read only
+
+    def set_timesteps(self, num_inference_steps: int, device: Any = None) -> None:
+        self.step_ratio = 999 / (num_inference_steps - 1)
+
+
+class _Staged:
+    """A combined-pipeline stand-in: a prior stage and a decoder stage, each with steps."""
+
+    def __init__(self, plan: Any) -> None:
+        self._mps_helpers_plan = plan
+        self.prior_scheduler = _NoSingleStep()
+        self.seen: list[dict[str, Any]] = []
+
+    @property
+    def components(self) -> dict[str, Any]:
+        return {"prior_scheduler": self.prior_scheduler}
+
+    def __call__(
+        self,
+        prompt: Any = None,
+        num_inference_steps: int = 10,
+        prior_num_inference_steps: int = 25,
+        prior_callback_on_step_end: Any = None,
+        prior_timesteps: Any = None,
+    ) -> Any:
+        self.seen.append(
+            {
+                "steps": num_inference_steps,
+                "prior_steps": prior_num_inference_steps,
+                "prior_callback": prior_callback_on_step_end,
+                "prior_timesteps": prior_timesteps,
+            }
+        )
+        return prompt
+
+
+def test_the_warmup_takes_the_fewest_steps_every_scheduler_accepts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    pipe = _Staged(make_plan())
+    with caplog.at_level(logging.INFO, logger="mps_helpers._warmup"):
+        prepared_call(
+            pipe,
+            functools.partial(_Staged.__call__, pipe),
+            ("a",),
+            {"prior_callback_on_step_end": print, "prior_timesteps": [999, 500]},
+        )
+    warm, real = pipe.seen
+    assert (warm["steps"], warm["prior_steps"]) == (2, 2)
+    assert warm["prior_callback"] is None
+    assert warm["prior_timesteps"] is None
+    assert real["prior_callback"] is print
+    assert "one 2-step pass (_NoSingleStep refuses fewer)" in caplog.text
+
+
+def test_the_warmup_leaves_the_schedulers_state_as_it_found_it() -> None:
+    import diffusers
+
+    class Counting(diffusers.DDIMScheduler):  # type: ignore[misc]
+        def set_timesteps(self, *args: Any, **kwargs: Any) -> Any:
+            self.history = []  # what a call starts from, as fresh state
+            return super().set_timesteps(*args, **kwargs)
+
+        def step(self, model_output: Any, timestep: Any, *args: Any, **kwargs: Any) -> Any:
+            self.steps_taken = getattr(self, "steps_taken", 0) + 1
+            self.history.append(int(timestep))
+            return super().step(model_output, timestep, *args, **kwargs)
+
+    pipe = tiny_pipeline("sd")
+    pipe.scheduler = Counting.from_config(pipe.scheduler.config)
+    plain = tiny_pipeline("sd")
+    plain.scheduler = Counting.from_config(plain.scheduler.config)
+    mps_helpers.prepare_pipeline(pipe, device="cpu", warmup=True, batch_to_loop=False)
+    before = dict(vars(pipe.scheduler))
+    for each in (pipe, plain):
+        each("a", output_type="latent", **SIZE)
+    assert "steps_taken" not in before
+    assert pipe.scheduler.steps_taken == plain.scheduler.steps_taken == 2
+    assert pipe.scheduler.history == plain.scheduler.history
+    assert torch.equal(pipe.scheduler.timesteps, plain.scheduler.timesteps)
+
+
+def test_a_step_counter_patched_onto_the_scheduler_class_sees_no_warmup_step() -> None:
+    # As diffusers' SDXL mixture-of-denoisers test counts: a subclass whose step is patched.
+    import diffusers
+
+    seen: list[int] = []
+
+    class Counted(diffusers.EulerDiscreteScheduler):  # type: ignore[misc]
+        pass
+
+    original = Counted.step
+
+    def step(self: Any, model_output: Any, timestep: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(int(timestep))
+        return original(self, model_output, timestep, *args, **kwargs)
+
+    Counted.step = step
+    pipe = tiny_pipeline("sdxl")
+    pipe.scheduler = Counted.from_config(pipe.scheduler.config)
+    mps_helpers.prepare_pipeline(pipe, device="cpu", warmup=True, batch_to_loop=False)
+    pipe("a", output_type="latent", **SIZE)
+    assert seen == [int(t) for t in pipe.scheduler.timesteps]
+    assert len(seen) == 2
+    assert type(pipe.scheduler) is Counted
+    assert pipe.config["scheduler"][1] == "Counted"
