@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from packaging.version import InvalidVersion, Version
 
+from mps_helpers._families import family_facts_of_directory
 from mps_helpers._plan import (
     PipelineFacts,
     check_pipeline,
@@ -167,6 +168,7 @@ def apply_plan(pipe: Any, plan: Plan) -> Any:
     check_pipeline(pipe)
     snapshot = _Snapshot.take(pipe)
     try:
+        _rescue_dtypes(pipe, plan)
         _move_and_cast(pipe, plan)
         _bridge_vae(pipe, plan)
         _apply_attention(pipe, plan)
@@ -280,6 +282,13 @@ def _state_matches(pipe: Any, plan: Plan) -> bool:
     return (
         device is not None and device.type == plan.device and _module_dtype(denoiser) == plan.dtype
     )
+
+
+def _rescue_dtypes(pipe: Any, plan: Plan) -> None:
+    """Cast float64/float8 weights the device cannot compute, before the move (issue 14)."""
+    from mps_helpers._dtype_rescue import cast_uncomputable
+
+    cast_uncomputable(pipe, plan)
 
 
 def _move_and_cast(pipe: Any, plan: Plan) -> None:
@@ -467,6 +476,10 @@ def _apply_vae_memory(pipe: Any, plan: Plan) -> None:
         if bool(getattr(vae, f"use_{flag}", not wanted)) != wanted:
             method()
             logger.info("%s: VAE %s %s", _name(pipe), flag, "on" if wanted else "off")
+    from mps_helpers._video import set_framewise_decoding
+
+    # A 3-D VAE tiles by frames too, where it can (video plans).
+    set_framewise_decoding(vae, plan.vae_tiling and getattr(plan, "num_frames", None) is not None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -493,7 +506,9 @@ class _Snapshot:
         vae = pipe.components.get("vae")
         if vae is not None:
             snap.vae_flags = {
-                k: getattr(vae, k) for k in ("use_slicing", "use_tiling") if hasattr(vae, k)
+                k: getattr(vae, k)
+                for k in ("use_slicing", "use_tiling", "use_framewise_decoding")
+                if hasattr(vae, k)
             }
             snap.bridged = _CAST_HOOKS_ATTR in getattr(vae, "__dict__", {})
         denoiser = denoiser_of(pipe)
@@ -629,6 +644,7 @@ def load_pipeline(
         "memory_watch": memory_watch,
     }
     kwargs = dict(from_pretrained_kwargs)
+    kwargs = _safe_kwargs(kwargs, env)
     options["dtype"] = _dtype_option(options["dtype"], kwargs.pop("torch_dtype", None))
     validated = validate_options(**options)
     machine = resolve_environment(env)
@@ -662,6 +678,13 @@ def load_pipeline(
     )
     pipe = _from_pretrained(model_or_path, kwargs, fallback=fallback)
     return prepare_pipeline(pipe, env=machine, **options)
+
+
+def _safe_kwargs(kwargs: dict[str, Any], env: Environment | None) -> dict[str, Any]:
+    """Drop a ``device_map`` to mps that is unsafe with this torch (issue 14)."""
+    from mps_helpers._load_safety import safe_load_kwargs
+
+    return safe_load_kwargs(kwargs, resolve_environment(env))
 
 
 def _show_kwarg(value: Any) -> str:
@@ -782,6 +805,12 @@ def facts_of_directory(directory: Path) -> PipelineFacts:
         weights_dtype=_stored_dtype(directory / denoiser_name) if denoiser_name else None,
         default_height=height,
         default_width=width,
+        **family_facts_of_directory(
+            directory,
+            denoiser_name=denoiser_name,
+            denoiser_class=denoiser_class,
+            pipeline_class=pipeline_class if isinstance(pipeline_class, type) else None,
+        ),
     )
 
 

@@ -34,6 +34,7 @@ from mps_helpers._batch import (
     merge_outputs,
     split_batch,
 )
+from mps_helpers._call_scope import call_scope
 from mps_helpers._errors import BatchError
 from mps_helpers._warmup import ensure_warm, progress_config
 
@@ -83,6 +84,18 @@ def prepared_call(
             ``completed`` attribute.
     """
     plan = getattr(pipe, "_mps_helpers_plan", None)
+    scope = None if plan is None else call_scope(plan)
+    if scope is not None:
+        # mps: every attention call bounded, float64 requests made float32 (call_scope).
+        with scope:
+            return _planned_call(pipe, plan, call, args, kwargs)
+    return _planned_call(pipe, plan, call, args, kwargs)
+
+
+def _planned_call(
+    pipe: Any, plan: Any, call: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]
+) -> Any:
+    """The prepared call's body: warmup, loop and guards as ``plan`` asks."""
     # The fast path: one attribute read and five truth tests over the raw call.
     if plan is None or not (
         plan.warmup or plan.batch_to_loop or plan.nan_guard or plan.oom_retry or plan.memory_watch

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from packaging.version import Version
 
+from mps_helpers._families import FAMILY_DECISIONS
+
 if TYPE_CHECKING:
     import torch
 
@@ -63,6 +65,7 @@ DECISIONS: tuple[str, ...] = (
     "nan_guard",
     "oom_retry",
     "memory_watch",
+    *FAMILY_DECISIONS,
 )
 _SWITCHES: tuple[str, ...] = (
     "attention_slicing",
@@ -153,6 +156,24 @@ class PipelineFacts:
     #: The pipeline's default output size in pixels.
     default_height: int | None = None
     default_width: int | None = None
+    # Family facts (mps_helpers._families reads them; docs/explanation/dtype-per-family.md).
+    #: "unet" or "transformer" (None: unknown).
+    denoiser_kind: str | None = None
+    #: The denoiser's attention heads, head size, patch sizes and input channels (config).
+    attention_heads: int | None = None
+    attention_head_dim: int | None = None
+    patch_size: int | None = None
+    patch_size_t: int | None = None
+    in_channels: int | None = None
+    #: The VAE's latent channels, and its spatial and temporal compression (3-D VAEs).
+    vae_latent_channels: int | None = None
+    vae_spatial_compression: int | None = None
+    vae_temporal_compression: int | None = None
+    #: The pipeline's ``__call__`` takes ``num_frames``; its default.
+    takes_frames: bool = False
+    default_num_frames: int | None = None
+    #: The safetensors dtype names of the denoiser's stored weights ("BF16", "F8_E4M3").
+    stored_dtypes: tuple[str, ...] = ()
 
 
 def facts_of(pipe: Any) -> PipelineFacts:
@@ -174,6 +195,11 @@ def facts_of(pipe: Any) -> PipelineFacts:
     if vae is not None and hasattr(vae, "config"):
         force_upcast = bool(getattr(vae.config, "force_upcast", False))
     height, width = _default_size(pipe, denoiser, vae)
+    from mps_helpers._families import call_default_size, family_facts
+
+    if height is None or width is None:  # video pipelines: the __call__'s defaults
+        height, width = call_default_size(unprepared_class(type(pipe)))
+
     return PipelineFacts(
         class_name=unprepared_class(type(pipe)).__name__,
         denoiser_class=None if denoiser is None else type(denoiser).__name__,
@@ -185,6 +211,7 @@ def facts_of(pipe: Any) -> PipelineFacts:
         weights_dtype=weights_dtype,
         default_height=height,
         default_width=width,
+        **family_facts(pipe),
     )
 
 
@@ -315,6 +342,17 @@ class Plan:
     #: False when the denoiser cannot slice attention (transformer-based): a stricter plan
     #: then leaves ``attention_slicing`` off.
     attention_slicing_supported: bool = True
+    #: The pipeline's family ("transformer-video", ...; mps_helpers._families), or None.
+    family: str | None = None
+    #: Bound on the score elements of every attention call during a prepared call (SDPA
+    #: chunked past it; mps only); None: unbounded.
+    attention_bound: int | None = None
+    #: Attention calls with at least this many keys run in float32; None: never.
+    attention_upcast_from: int | None = None
+    #: float64 asked for on the device during a call becomes float32 (mps).
+    float64_rescue: bool = False
+    #: Video frames the plan was made for (the pipeline's default; None: not video).
+    num_frames: int | None = None
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -386,6 +424,8 @@ class Plan:
         size = "unknown size"
         if self.height is not None and self.width is not None:
             size = f"{self.width}x{self.height} px"
+            if self.num_frames is not None:
+                size += f" x {self.num_frames} frames"
             if self.options.get("height") is None and self.options.get("width") is None:
                 size += " (the pipeline's default)"
         head = f"Plan: {self.device}, {_show(self.dtype)}, {size}"
@@ -609,11 +649,16 @@ def resolve_environment(env: Environment | None) -> Environment:
 
 def make_plan(facts: PipelineFacts, env: Environment, options: _Options) -> Plan:
     """Return the plan for validated ``options`` (the rules; :func:`plan_for` wraps this)."""
+    from mps_helpers import _families
+
     reasons: dict[str, str] = {}
     switches = options.switches
 
     device, reasons["device"] = _device(env, options.device)
     dtype, reasons["dtype"] = _dtype(env, device, facts, options.dtype)
+    dtype, reasons["dtype"] = _families.family_dtype(
+        env, device, facts, options.dtype, (dtype, reasons["dtype"])
+    )
     guarded = switches["nan_guard"] if switches["nan_guard"] is not None else _half(dtype)
     vae_dtype, reasons["vae_dtype"] = _vae_dtype(dtype, facts, device=device, guarded=guarded)
 
@@ -621,6 +666,16 @@ def make_plan(facts: PipelineFacts, env: Environment, options: _Options) -> Plan
     width = options.width if options.width is not None else facts.default_width
     tight, reasons["memory_tight"] = _memory_tight(
         env, device, dtype=dtype, height=height, width=width, options=options
+    )
+    tight, reasons["memory_tight"] = _families.family_memory_tight(
+        env,
+        device,
+        facts,
+        dtype=dtype,
+        height=height,
+        width=width,
+        batch=options.batch_size,
+        decided=(tight, reasons["memory_tight"]),
     )
 
     slicing, reasons["attention_slicing"] = _attention_slicing(
@@ -651,6 +706,20 @@ def make_plan(facts: PipelineFacts, env: Environment, options: _Options) -> Plan
     nan_guard, reasons["nan_guard"] = _nan_guard(dtype, switches["nan_guard"])
     oom_retry, reasons["oom_retry"] = _oom_retry(device, switches["oom_retry"])
     watch, reasons["memory_watch"] = _memory_watch(device, switches["memory_watch"])
+    family = _families.family_plan(
+        facts,
+        env,
+        device=device,
+        dtype=dtype,
+        height=height,
+        width=width,
+        batch=options.batch_size,
+        tight=tight,
+        switches=switches,
+    )
+    reasons.update(family.reasons)
+    vae_tiling = family.fields.get("vae_tiling", vae_tiling)
+    loop = family.fields.get("batch_to_loop", loop)
 
     plan = Plan(
         device=device,
@@ -672,6 +741,11 @@ def make_plan(facts: PipelineFacts, env: Environment, options: _Options) -> Plan
         options=options.given,
         reasons=reasons,
         attention_slicing_supported=facts.supports_attention_slicing is not False,
+        family=family.fields["family"],
+        attention_bound=family.fields["attention_bound"],
+        attention_upcast_from=family.fields["attention_upcast_from"],
+        float64_rescue=family.fields["float64_rescue"],
+        num_frames=facts.default_num_frames,
     )
     for name in DECISIONS:
         logger.info("plan: %s = %s: %s", name, _show(getattr(plan, name)), plan.reasons[name])
