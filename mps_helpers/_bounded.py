@@ -110,9 +110,14 @@ def _install() -> None:
     import torch.nn.functional as F  # noqa: N812 (torch's own spelling)
 
     with _LOCK:
+        if not hasattr(F, "scaled_dot_product_attention"):
+            # torch 1.13: no SDPA to bound; attention there is diffusers' classic processor
+            # (or the safe one, whose matmul path honours its own bound).
+            _state["installs"] += 1
+            return
         if _state["installs"] == 0 and F.scaled_dot_product_attention is not _bounded_entry:
             _state["original"] = F.scaled_dot_product_attention
-            F.scaled_dot_product_attention = _bounded_entry  # type: ignore[assignment]
+            F.scaled_dot_product_attention = _bounded_entry
         _state["installs"] += 1
 
 
@@ -123,7 +128,9 @@ def _uninstall() -> None:
         _state["installs"] -= 1
         # Leave a later patch by someone else in place: it wraps ours, which then passes
         # every call through (no bound is active).
-        if _state["installs"] == 0 and F.scaled_dot_product_attention is _bounded_entry:
+        if _state["installs"] == 0 and getattr(F, "scaled_dot_product_attention", None) is (
+            _bounded_entry
+        ):
             F.scaled_dot_product_attention = _state["original"]
 
 

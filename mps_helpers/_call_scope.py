@@ -36,7 +36,8 @@ def call_scope(plan: Any) -> contextlib.AbstractContextManager[Any] | None:
             )
         )
     if rescue and device is not None:
-        from mps_helpers._dtype_rescue import Float64Rescue
+        from mps_helpers._dtype_rescue import Float64Rescue, rescue_available
 
-        stack.enter_context(Float64Rescue(device))
+        if rescue_available():
+            stack.enter_context(Float64Rescue(device))
     return stack

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from mps_helpers._plan import Plan
 
-__all__ = ["Float64Rescue", "cast_uncomputable", "uncomputable_dtypes"]
+__all__ = ["Float64Rescue", "cast_uncomputable", "rescue_available", "uncomputable_dtypes"]
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +142,15 @@ def _cast(module: Any, source: torch.dtype, target: torch.dtype) -> None:
                     sub._buffers[key] = buf.to(target)
 
 
+def rescue_available() -> bool:
+    """Return whether this torch has ``TorchFunctionMode`` (the rescue's mechanism, 2.0+)."""
+    try:
+        from torch.overrides import TorchFunctionMode  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _rescue_mode_base() -> type:
     from torch.overrides import TorchFunctionMode
 
@@ -188,13 +197,15 @@ class _Rescue:
         if kwargs.get("dtype") is torch.float64:
             self.rewrites += 1
             return func(*args, **{**kwargs, "dtype": torch.float32})
-        if name in ("tensor", "as_tensor") and kwargs.get("dtype") is None:
-            # Data (a float64 array) decides the dtype: build it where it is, then move it.
-            built = func(*args, **{k: v for k, v in kwargs.items() if k != "device"})
-            if built.dtype == torch.float64:
-                self.rewrites += 1
-                built = built.float()
-            return built.to(kwargs["device"]) if "device" in kwargs else built
+        # Data decides the dtype: a float64 array (numpy's default) would land as float64.
+        if (
+            name in ("tensor", "as_tensor")
+            and kwargs.get("dtype") is None
+            and args
+            and str(getattr(args[0], "dtype", "")).removeprefix("torch.") == "float64"
+        ):
+            self.rewrites += 1
+            return func(*args, **{**kwargs, "dtype": torch.float32})
         return func(*args, **kwargs)
 
     def _where(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:

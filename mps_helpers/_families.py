@@ -287,7 +287,8 @@ def call_default_size(pipeline_class: type) -> tuple[int | None, int | None]:
     for name in ("height", "width"):
         parameter = parameters.get(name)
         default = None if parameter is None else parameter.default
-        sizes.append(default if isinstance(default, int) and not isinstance(default, bool) else None)
+        plain = isinstance(default, int) and not isinstance(default, bool)
+        sizes.append(default if plain else None)
     if None in sizes:
         return None, None
     return sizes[0], sizes[1]

@@ -7,8 +7,8 @@ pipeline failing without mps_helpers and running with it:
   elements, as mps kernels do past 2**31 (pytorch #84039, #179352, #197636); it also records
   the score elements of every call it sees (a counting spy).
 - :func:`no_float64`: creating a float64 tensor on the device raises mps' TypeError.
-- :func:`no_float8`: any operation that computes with a float8 tensor raises (conversions
-  out of float8 are allowed: on a Mac they happen on the CPU, before the move).
+- :func:`no_float8`: any torch function that computes with a float8 tensor raises
+  (conversions out of float8 are allowed: on a Mac they happen on the CPU, before the move).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812 (torch's own spelling)
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -26,14 +27,17 @@ from mps_helpers._bounded import score_elements
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-__all__ = ["MPS_FLOAT64", "MPS_FLOAT8", "no_float64", "no_float8", "sdpa_element_limit"]
+__all__ = ["MPS_FLOAT8", "MPS_FLOAT64", "no_float8", "no_float64", "sdpa_element_limit"]
 
 #: mps' own messages.
 MPS_FLOAT64 = (
     "Cannot convert a MPS Tensor to float64 dtype as the MPS framework doesn't support "
     "float64. Please use float32 instead."
 )
-MPS_FLOAT8 = "Trying to convert Float8_e4m3fn to the MPS backend but it does not have support for that dtype."
+MPS_FLOAT8 = (
+    "Trying to convert Float8_e4m3fn to the MPS backend but it does not have support for "
+    "that dtype."
+)
 LIMIT_ERROR = "MPSGraph does not support tensor dims larger than INT_MAX"
 
 
@@ -93,21 +97,25 @@ _FLOAT8 = tuple(
     for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
     if hasattr(torch, name)
 )
-_CONVERSIONS = ("_to_copy", "copy_", "clone", "detach", "alias", "view", "lift_fresh")
+#: Functions that convert or describe a tensor without computing with its values.
+_HARMLESS = frozenset(
+    {
+        "to", "type", "float", "half", "bfloat16", "double", "copy_", "clone", "detach",
+        "__get__", "__set__", "size", "dim", "numel", "stride", "is_floating_point",
+        "element_size", "data_ptr", "requires_grad_", "is_contiguous", "untyped_storage",
+        "storage_offset", "_has_compatible_shallow_copy_type", "__reduce_ex__", "__deepcopy__",
+    }
+)  # fmt: skip
 
 
-class _NoFloat8(TorchDispatchMode):
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        name = func.__name__.split(".")[0]
-        seen = [*tree_flatten(args)[0], *tree_flatten(kwargs or {})[0]]
-        touches = any(isinstance(v, torch.Tensor) and v.dtype in _FLOAT8 for v in seen)
-        makes = any(
-            isinstance(v, torch.Tensor) and v.dtype in _FLOAT8 for v in tree_flatten(out)[0]
-        )
-        if (touches and name not in _CONVERSIONS) or (makes and name not in _CONVERSIONS):
-            raise TypeError(f"{MPS_FLOAT8} ({name})")
-        return out
+class _NoFloat8(TorchFunctionMode):
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = getattr(func, "__name__", "")
+        if name not in _HARMLESS:
+            seen = [*tree_flatten(args)[0], *tree_flatten(kwargs or {})[0]]
+            if any(isinstance(v, torch.Tensor) and v.dtype in _FLOAT8 for v in seen):
+                raise TypeError(f"{MPS_FLOAT8} ({name})")
+        return func(*args, **(kwargs or {}))
 
 
 def no_float8() -> Any:

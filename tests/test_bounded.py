@@ -153,7 +153,9 @@ def test_calls_within_the_bound_reach_the_native_kernel_unchanged() -> None:
         with bounded_attention(10**6):
             F.scaled_dot_product_attention(Q, K, V, None, 0.0, is_causal=False)
     ((args, kwargs),) = seen
-    assert args[:3] == (Q, K, V) and args[3:] == (None, 0.0) and kwargs == {"is_causal": False}
+    assert args[:3] == (Q, K, V)
+    assert args[3:] == (None, 0.0)
+    assert kwargs == {"is_causal": False}
 
 
 def test_keyword_calls_as_the_dispatcher_makes_them() -> None:
@@ -255,7 +257,7 @@ def case(request: pytest.FixtureRequest) -> tuple[str, Any, dict[str, Any], Any]
 
 
 def test_the_emulation_breaks_the_unprepared_pipeline(case: Any) -> None:
-    name, pipe, size, reference = case
+    _name, pipe, size, reference = case
     with sdpa_element_limit(BOUND) as sizes, pytest.raises(RuntimeError, match=LIMIT_ERROR):
         run(pipe, size)
     assert max(sizes) > BOUND
@@ -271,7 +273,7 @@ def bounded(pipe: Any) -> Any:
 
 @pytest.mark.parametrize("corrupt", [False, True])
 def test_prepared_pipeline_runs_bounded_and_equal(case: Any, corrupt: bool) -> None:
-    name, pipe, size, reference = case
+    _name, pipe, size, reference = case
     prepared = bounded(pipe)
     with sdpa_element_limit(BOUND, corrupt=corrupt) as sizes:
         out = run(prepared, size)
@@ -281,9 +283,10 @@ def test_prepared_pipeline_runs_bounded_and_equal(case: Any, corrupt: bool) -> N
 
 
 def test_a_plan_without_a_bound_adds_nothing_to_the_call(case: Any) -> None:
-    name, pipe, size, reference = case
+    _name, pipe, size, reference = case
     plan = plan_for(pipe, env=CPU, device="cpu", nan_guard=False, oom_retry=False)
-    assert plan.attention_bound is None and not plan.float64_rescue
+    assert plan.attention_bound is None
+    assert not plan.float64_rescue
     prepared = apply_plan(pipe, plan)
     with sdpa_element_limit(10**12) as sizes:
         out = run(prepared, size)
