@@ -254,10 +254,11 @@ def _spatial(vae_config: Mapping[str, Any], vae: Any = None) -> int | None:
 def _denoiser_kind(cls: Any, name: str | None, instance: Any = None) -> str | None:
     if cls is not None and hasattr(cls, "set_attention_slice"):
         return "unet"
-    text = (name or "").lower()
-    if "unet" in text:
+    text = name or ""
+    if "unet" in text.lower():
         return "unet"
-    if "transformer" in text or "dit" in text:
+    # "DiT" case-sensitively: "UNet2DConditionModel" holds "dit" too.
+    if "transformer" in text.lower() or "DiT" in text:
         return "transformer"
     if instance is not None and hasattr(instance, "transformer_blocks"):
         return "transformer"

@@ -201,6 +201,16 @@ def test_classify_by_facts_not_by_name() -> None:
     assert classify(PipelineFacts(supports_attention_slicing=True)).value == "unet-image"
 
 
+def test_denoiser_kind_from_class_names() -> None:
+    from mps_helpers._families import _denoiser_kind
+
+    assert _denoiser_kind(None, "UNet2DConditionModel") == "unet"
+    assert _denoiser_kind(None, "HunyuanDiT2DModel") == "transformer"
+    assert _denoiser_kind(None, "SanaTransformer2DModel") == "transformer"
+    assert _denoiser_kind(None, "ConditionalFlowModel") is None  # "dit" inside a word
+    assert _denoiser_kind(None, None) is None
+
+
 def test_facts_read_from_real_tiny_pipelines() -> None:
     flux, wan = facts_of(tiny_flux()), facts_of(tiny_wan())
     assert (flux.denoiser_kind, flux.attention_heads, flux.in_channels) == ("transformer", 2, 4)
