@@ -124,12 +124,17 @@ def bind_call(
                 return None
         else:
             flat[name] = value
-    per_prompt = flat.get("num_images_per_prompt")
+    # Video pipelines name it num_videos_per_prompt: one prompt, that many clips.
+    name = next((n for n in _PER_PROMPT if n in flat or n in signature.parameters), _PER_PROMPT[0])
+    per_prompt = flat.get(name)
     if per_prompt is None:
-        parameter = signature.parameters.get("num_images_per_prompt")
+        parameter = signature.parameters.get(name)
         default = None if parameter is None else parameter.default
         per_prompt = default if isinstance(default, int) else 1
     return BoundCall(kwargs=flat, num_images_per_prompt=int(per_prompt))
+
+
+_PER_PROMPT = ("num_images_per_prompt", "num_videos_per_prompt")
 
 
 def _rows(value: object) -> int | None:

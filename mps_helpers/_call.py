@@ -34,6 +34,7 @@ from mps_helpers._batch import (
     merge_outputs,
     split_batch,
 )
+from mps_helpers._call_scope import call_scope
 from mps_helpers._errors import BatchError
 from mps_helpers._markers import PLAN_ATTR
 from mps_helpers._util import empty_device_cache, has_multi_controlnet
@@ -96,9 +97,26 @@ def prepared_call(
         BatchError: one prompt of a looped batch failed; the prompts before it are in its
             ``completed`` attribute.
     """
+    plan: Plan | None = getattr(pipe, PLAN_ATTR, None)
+    scope = None if plan is None else call_scope(plan)
+    if scope is not None:
+        # mps: every attention call bounded, float64 requests made float32 (call_scope).
+        with scope:
+            return _planned_call(pipe, plan, call, args, kwargs, reapply)
+    return _planned_call(pipe, plan, call, args, kwargs, reapply)
+
+
+def _planned_call(  # noqa: PLR0917 (prepared_call's own arguments, passed on)
+    pipe: Pipeline,
+    plan: Plan | None,
+    call: Callable[..., Any],
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    reapply: Reapply | None,
+) -> Any:
+    """The prepared call's body: warmup, loop and guards as ``plan`` asks."""
     # The fast path: one attribute read (the marker, see _markers.attached_plan) and five
     # truth tests over the raw call.
-    plan: Plan | None = getattr(pipe, PLAN_ATTR, None)
     if plan is None or not (
         plan.warmup or plan.batch_to_loop or plan.nan_guard or plan.oom_retry or plan.memory_watch
     ):

@@ -86,6 +86,7 @@ def load_pipeline(
     """
     options = option_values(locals())
     kwargs = dict(from_pretrained_kwargs)
+    kwargs = _safe_kwargs(kwargs, env)
     options["dtype"] = _dtype_option(dtype, kwargs.pop("torch_dtype", None))
     validated = validate_options(**options)
     machine = resolve_environment(env)
@@ -122,6 +123,13 @@ def load_pipeline(
     # one is warned about, once.
     warn_ignored(prepare_quietly(pipe, machine, validated))
     return pipe
+
+
+def _safe_kwargs(kwargs: dict[str, Any], env: Environment | None) -> dict[str, Any]:
+    """Drop a ``device_map`` to mps that is unsafe with this torch (issue 14)."""
+    from mps_helpers._load_safety import safe_load_kwargs
+
+    return safe_load_kwargs(kwargs, resolve_environment(env))
 
 
 def _show_kwarg(value: object) -> str:

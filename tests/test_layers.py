@@ -44,12 +44,16 @@ LAYERS: dict[str, int] = {
     "_evidence": 3,
     "_known_problems": 3,
     "_memory": 3,
+    # family facts read from configs and safetensors headers (mps_helpers._facts calls them)
+    "_family_facts": 3,
     # device self-tests: small torch ops on a device and their cached reports (the checks
     # turn failures into findings; the plan reads only the reports handed to it)
     "_selftest": 3,
     # the plan: pure decisions, and the rules that follow known problems and self-tests
     "_plan": 4,
     "_problem_rules": 4,
+    # the family rules (transformer and video denoisers), handed what they need by the plan
+    "_families": 4,
     # call-time pieces
     "_attention": 5,
     "_batch": 5,
@@ -57,11 +61,17 @@ LAYERS: dict[str, int] = {
     "_nan_guard": 5,
     "_oom_retry": 5,
     "_memory_watch": 5,
+    # what surrounds a prepared call on mps: bounded SDPA, the float64 rescue, video decode
+    "_call_scope": 5,
+    "_bounded": 5,
+    "_dtype_rescue": 5,
+    "_video": 5,
     # the prepared call
     "_call": 6,
     # applying a plan, loading with one
     "_apply": 7,
     "_load": 7,
+    "_load_safety": 7,
     # faces (the package itself re-exports every layer lazily)
     "__init__": 8,
     "_auto": 8,
