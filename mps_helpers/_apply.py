@@ -145,6 +145,7 @@ def apply_plan(pipe: PipelineT, plan: Plan) -> PipelineT:
     check_pipeline(pipe)
     snapshot = _Snapshot.take(pipe)
     try:
+        _rescue_dtypes(pipe, plan)
         _move_and_cast(pipe, plan)
         _bridge_vae(pipe, plan)
         _apply_attention(pipe, plan)
@@ -252,6 +253,13 @@ def _state_matches(pipe: Pipeline, plan: Plan) -> bool:
     return (
         device is not None and device.type == plan.device and module_dtype(denoiser) == plan.dtype
     )
+
+
+def _rescue_dtypes(pipe: Pipeline, plan: Plan) -> None:
+    """Cast float64/float8 weights the device cannot compute, before the move (issue 14)."""
+    from mps_helpers._dtype_rescue import cast_uncomputable
+
+    cast_uncomputable(pipe, plan)
 
 
 def _move_and_cast(pipe: Pipeline, plan: Plan) -> None:
@@ -440,6 +448,10 @@ def _apply_vae_memory(pipe: Pipeline, plan: Plan) -> None:
         if bool(getattr(vae, f"use_{flag}", not wanted)) != wanted:
             method()
             logger.info("%s: VAE %s %s", _name(pipe), flag, "on" if wanted else "off")
+    from mps_helpers._video import set_framewise_decoding
+
+    # A 3-D VAE tiles by frames too, where it can (video plans).
+    set_framewise_decoding(vae, plan.vae_tiling and getattr(plan, "num_frames", None) is not None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -466,7 +478,9 @@ class _Snapshot:
         vae = pipe.components.get("vae")
         if vae is not None:
             snap.vae_flags = {
-                k: getattr(vae, k) for k in ("use_slicing", "use_tiling") if hasattr(vae, k)
+                k: getattr(vae, k)
+                for k in ("use_slicing", "use_tiling", "use_framewise_decoding")
+                if hasattr(vae, k)
             }
             snap.bridged = _markers.cast_hooks(vae) is not None
         denoiser = denoiser_of(pipe)

@@ -34,6 +34,7 @@ from mps_helpers._batch import (
     merge_outputs,
     split_batch,
 )
+from mps_helpers._call_scope import call_scope
 from mps_helpers._errors import BatchError
 from mps_helpers._markers import PLAN_ATTR
 from mps_helpers._per_prompt import control_nets
@@ -101,9 +102,26 @@ def prepared_call(
             ValueError or TypeError (arguments it refuses), that error is raised as it is.
     """
     check_call(call, args, kwargs)
+    plan: Plan | None = getattr(pipe, PLAN_ATTR, None)
+    scope = None if plan is None else call_scope(plan)
+    if scope is not None:
+        # mps: every attention call bounded, float64 requests made float32 (call_scope).
+        with scope:
+            return _planned_call(pipe, plan, call, args, kwargs, reapply)
+    return _planned_call(pipe, plan, call, args, kwargs, reapply)
+
+
+def _planned_call(  # noqa: PLR0917 (prepared_call's own arguments, passed on)
+    pipe: Pipeline,
+    plan: Plan | None,
+    call: Callable[..., Any],
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    reapply: Reapply | None,
+) -> Any:
+    """The prepared call's body: warmup, loop and guards as ``plan`` asks."""
     # The fast path: one attribute read (the marker, see _markers.attached_plan) and six
     # truth tests over the raw call.
-    plan: Plan | None = getattr(pipe, PLAN_ATTR, None)
     if plan is None or not (
         plan.warmup
         or plan.batch_to_loop

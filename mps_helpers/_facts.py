@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from mps_helpers._family_facts import call_default_size, family_facts, family_facts_of_directory
 from mps_helpers._markers import original_class
 from mps_helpers._util import MiB
 
@@ -82,6 +83,25 @@ class PipelineFacts:
     #: The pipeline's default output size in pixels.
     default_height: int | None = None
     default_width: int | None = None
+    # Family facts (mps_helpers._family_facts reads them, mps_helpers._families' rules use
+    # them; docs/explanation/dtype-per-family.md).
+    #: "unet" or "transformer" (None: unknown).
+    denoiser_kind: str | None = None
+    #: The denoiser's attention heads, head size, patch sizes and input channels (config).
+    attention_heads: int | None = None
+    attention_head_dim: int | None = None
+    patch_size: int | None = None
+    patch_size_t: int | None = None
+    in_channels: int | None = None
+    #: The VAE's latent channels, and its spatial and temporal compression (3-D VAEs).
+    vae_latent_channels: int | None = None
+    vae_spatial_compression: int | None = None
+    vae_temporal_compression: int | None = None
+    #: The pipeline's ``__call__`` takes ``num_frames``; its default.
+    takes_frames: bool = False
+    default_num_frames: int | None = None
+    #: The safetensors dtype names of the denoiser's stored weights ("BF16", "F8_E4M3").
+    stored_dtypes: tuple[str, ...] = ()
 
 
 def facts_of(pipe: Pipeline) -> PipelineFacts:
@@ -103,6 +123,8 @@ def facts_of(pipe: Pipeline) -> PipelineFacts:
     if vae is not None and hasattr(vae, "config"):
         force_upcast = bool(getattr(vae.config, "force_upcast", False))
     height, width = _default_size(pipe, denoiser, vae)
+    if height is None or width is None:  # video pipelines: the __call__'s defaults
+        height, width = call_default_size(original_class(pipe))
     return PipelineFacts(
         class_name=original_class(pipe).__name__,
         denoiser_class=None if denoiser is None else type(denoiser).__name__,
@@ -114,6 +136,7 @@ def facts_of(pipe: Pipeline) -> PipelineFacts:
         weights_dtype=weights_dtype,
         default_height=height,
         default_width=width,
+        **family_facts(denoiser, vae, original_class(pipe)),
     )
 
 
@@ -236,6 +259,12 @@ def facts_of_directory(directory: Path) -> PipelineFacts:
         weights_dtype=_stored_dtype(directory / denoiser_name) if denoiser_name else None,
         default_height=height,
         default_width=width,
+        **family_facts_of_directory(
+            directory,
+            denoiser_name=denoiser_name,
+            denoiser_class=denoiser_class,
+            pipeline_class=pipeline_class if isinstance(pipeline_class, type) else None,
+        ),
     )
 
 

@@ -87,6 +87,7 @@ def load_pipeline(
     """
     options = option_values(locals())
     kwargs = dict(from_pretrained_kwargs)
+    kwargs = _safe_kwargs(kwargs, env)
     options["dtype"] = _dtype_option(dtype, kwargs.pop("torch_dtype", None))
     validated = validate_options(**options)
     machine = resolve_environment(env)
@@ -143,6 +144,11 @@ def _directory_memory(directory: Path) -> _fit.MemoryInputs | None:
     except (OSError, ValueError):
         return None
     return _fit.MemoryInputs(spec, read_live_memory())
+def _safe_kwargs(kwargs: dict[str, Any], env: Environment | None) -> dict[str, Any]:
+    """Drop a ``device_map`` to mps that is unsafe with this torch (issue 14)."""
+    from mps_helpers._load_safety import safe_load_kwargs
+
+    return safe_load_kwargs(kwargs, resolve_environment(env))
 
 
 def _show_kwarg(value: object) -> str:

@@ -23,7 +23,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from mps_helpers import _families
 from mps_helpers._facts import PipelineFacts, facts_of
+from mps_helpers._families import FAMILY_DECISIONS
 from mps_helpers._options import (
     PROCESSORS,
     Options,
@@ -110,6 +112,7 @@ DECISIONS: tuple[str, ...] = (
     "nan_guard",
     "oom_retry",
     "memory_watch",
+    *FAMILY_DECISIONS,
 )
 # ---------------------------------------------------------------------------------------
 # The plan
@@ -176,6 +179,17 @@ class Plan:
     #: from disk for the next call that needs them (unified memory, when the estimate says
     #: the peak needs it; see ``docs/explanation/memory.md``).
     release_text_encoders: bool = False
+    #: The pipeline's family ("transformer-video", ...; mps_helpers._families), or None.
+    family: str | None = None
+    #: Bound on the score elements of every attention call during a prepared call (SDPA
+    #: chunked past it; mps only); None: unbounded.
+    attention_bound: int | None = None
+    #: Attention calls with at least this many keys run in float32; None: never.
+    attention_upcast_from: int | None = None
+    #: float64 asked for on the device during a call becomes float32 (mps).
+    float64_rescue: bool = False
+    #: Video frames the plan was made for (the pipeline's default; None: not video).
+    num_frames: int | None = None
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -252,6 +266,8 @@ class Plan:
         size = "unknown size"
         if self.height is not None and self.width is not None:
             size = f"{self.width}x{self.height} px"
+            if self.num_frames is not None:
+                size += f" x {self.num_frames} frames"
             if self.options.get("height") is None and self.options.get("width") is None:
                 size += " (the pipeline's default)"
         head = f"Plan: {self.device}, {_show(self.dtype)}, {size}"
@@ -425,6 +441,8 @@ def make_plan(
 
     device = _value(decided, "device", _device(env, options.device))
     dtype = _value(decided, "dtype", _dtype(env, device, facts, options.dtype))
+    # families (issue 14): float8-stored weights, known bfloat16 failures
+    dtype = _value(decided, "dtype", _family_dtype(env, device, facts, options, decided))
     guarded = switches["nan_guard"] if switches["nan_guard"] is not None else _half(dtype)
     _value(decided, "vae_dtype", _vae_dtype(dtype, facts, device, guarded))
 
@@ -432,6 +450,14 @@ def make_plan(
     width = options.width if options.width is not None else facts.default_width
     size = (height, width)
     tight = _value(decided, "memory_tight", _memory_tight(env, device, dtype, size, options))
+    # families (issue 14): a video clip's 3-D decode
+    tight = _value(
+        decided,
+        "memory_tight",
+        _family_memory_tight(
+            env, device, facts, dtype=dtype, size=size, options=options, decided=decided
+        ),
+    )
     slicing = _value(
         decided,
         "attention_slicing",
@@ -450,6 +476,18 @@ def make_plan(
     _value(decided, "nan_guard", _nan_guard(dtype, switches["nan_guard"]))
     _value(decided, "oom_retry", _oom_retry(device, switches["oom_retry"]))
     _value(decided, "memory_watch", _memory_watch(device, switches["memory_watch"]))
+    # families (issue 14): family, attention bound and upcast, float64 rescue, video decode
+    decided.update(
+        _family_plan(
+            env,
+            device,
+            facts,
+            dtype=dtype,
+            size=size,
+            options=options,
+            tight=decided["memory_tight"][0],
+        )
+    )
 
     ignored = {}
     for name, (_v, rule, fields) in decided.items():
@@ -465,6 +503,7 @@ def make_plan(
         rules={name: rule for name, (_v, rule, _fields) in decided.items()},
         ignored=ignored,
         attention_slicing_supported=facts.supports_attention_slicing is not False,
+        num_frames=facts.default_num_frames,
     )
     if not follow:
         return plan
@@ -482,6 +521,74 @@ def make_plan(
     for name in DECISIONS:
         logger.info("plan: %s = %s: %s", name, _show(getattr(plan, name)), plan.reasons[name])
     return plan
+
+
+# families (issue 14): mps_helpers._families' rules, handed what they need of the plan's --
+
+
+def _family_dtype(
+    env: Environment,
+    device: str,
+    facts: PipelineFacts,
+    options: Options,
+    decided: dict[str, Decided],
+) -> Decided:
+    return _families.family_dtype(
+        device,
+        facts,
+        options.dtype,
+        decided["dtype"],
+        dtype_rule=lambda other: _dtype(env, device, other, None),
+    )
+
+
+def _family_memory_tight(
+    env: Environment,
+    device: str,
+    facts: PipelineFacts,
+    *,
+    dtype: torch.dtype,
+    size: tuple[int | None, int | None],
+    options: Options,
+    decided: dict[str, Decided],
+) -> Decided:
+    return _families.family_memory_tight(
+        facts,
+        dtype=dtype,
+        height=size[0],
+        width=size[1],
+        batch=options.batch_size,
+        decided=decided["memory_tight"],
+        available=_device_memory(env, device),
+        decode_bytes=decode_bytes,
+    )
+
+
+def _family_plan(
+    env: Environment,
+    device: str,
+    facts: PipelineFacts,
+    *,
+    dtype: torch.dtype,
+    size: tuple[int | None, int | None],
+    options: Options,
+    tight: bool,
+) -> dict[str, Decided]:
+    family = _families.family_plan(
+        facts,
+        env,
+        device=device,
+        dtype=dtype,
+        height=size[0],
+        width=size[1],
+        batch=options.batch_size,
+        tight=tight,
+        switches=options.switches,
+        available=_device_memory(env, device),
+        chunk_elements=lambda compute: attention_chunk_elements(env, compute, device=device),
+        decode_bytes=decode_bytes,
+    )
+    return {name: d.decided for name, d in family.decisions.items()}
 
 
 def _value(decided: dict[str, Decided], name: str, result: Decided) -> Any:

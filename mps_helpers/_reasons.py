@@ -43,12 +43,15 @@ __all__ = [
     "ATTENTION_CHUNK_CAP",
     "ATTENTION_CHUNK_FLOOR",
     "ATTENTION_LIVE_BLOCKS",
+    "BF16_ATTENTION_KEYS",
     "CONSTANTS",
     "DECODE_BYTES_PER_PIXEL_FP32",
     "EVIDENCE",
     "FIT_SHARE",
     "MEMORY_CHUNK_STEP",
     "MEMORY_MEASURES",
+    "FAMILY_PHRASES",
+    "FAMILY_RULES",
     "MPS_BF16_MACOS",
     "MPS_BF16_TORCH",
     "MPS_ELEMENT_LIMIT",
@@ -130,6 +133,8 @@ MEMORY_MEASURES: Mapping[str, str] = types.MappingProxyType(
         "batch_to_loop": "looping the prompts",
     }
 )
+#: bfloat16 SDPA on mps loses precision from about this many keys (families, issue 14).
+BF16_ATTENTION_KEYS = 3_000
 
 #: The constants templates may name, by their template name.
 CONSTANTS: Mapping[str, object] = types.MappingProxyType(
@@ -151,6 +156,7 @@ CONSTANTS: Mapping[str, object] = types.MappingProxyType(
         "probe_margin": PROBE_BLOCK_MARGIN,
         "known_problems_page": "docs/explanation/known-problems.md",
         "fit_share": FIT_SHARE,
+        "bf16_keys": BF16_ATTENTION_KEYS,
     }
 )
 
@@ -291,6 +297,41 @@ EVIDENCE: Mapping[str, Evidence] = types.MappingProxyType(
             "physical RAM)",
             "",
             "diffusers #548",
+        ),
+        # the families' rules (mps_helpers._families; issue 14)
+        "mps_large_attention": Evidence(
+            "mps kernels fail past 2**31 elements, which transformer attention reaches",
+            "",
+            "pytorch #84039, #179352, #197636; ComfyUI #14837",
+        ),
+        "mps_bf16_long_attention": Evidence(
+            "bfloat16 SDPA on mps loses precision above ~3,000 keys",
+            "",
+            "pytorch PR #190791, open",
+        ),
+        "ltx_bf16_black": Evidence(
+            "LTX-Video/LTX-2 give black video in bfloat16 on mps with one-call attention, and "
+            "split (chunked) attention fixes it",
+            "",
+            "ComfyUI #15804, #15818",
+        ),
+        "mps_float64": Evidence(
+            "mps has no float64 and model code that asks for it crashes",
+            "",
+            "diffusers #9047 Flux, #11315 HiDream; LTX-2 RoPE",
+        ),
+        "float64_rescue_cost": Evidence(
+            "the rescue costs little",
+            "~7 us per torch call, measured on a CPU; ~5 ms per SD-sized denoising step",
+            _BENCHMARKS,
+        ),
+        "mps_float8": Evidence(
+            "mps cannot compute float8", "", "ComfyUI #6859, #8881; pytorch #148420"
+        ),
+        "video_decode": Evidence(
+            "the image estimate times the frames: an upper bound",
+            "",
+            "docs/explanation/video-decode.md",
         ),
     }
 )
@@ -645,7 +686,95 @@ PROBLEM_RULES: Mapping[str, Rule] = types.MappingProxyType(
     }
 )
 
-RULES = types.MappingProxyType({**RULES, **PROBLEM_RULES})
+# ---------------------------------------------------------------------------------------
+# The families' rules (mps_helpers._families; issue 14)
+
+#: The rules of the transformer and video families (:mod:`mps_helpers._families`): the
+#: plan fields ``family``, ``attention_bound``, ``attention_upcast_from`` and
+#: ``float64_rescue``, and the family revisions of ``dtype``, ``memory_tight``,
+#: ``vae_tiling`` and ``batch_to_loop``. ``{then}`` and ``{base}`` are the reason of the
+#: rule they revise.
+FAMILY_RULES: Mapping[str, Rule] = types.MappingProxyType(
+    {
+        **_rules(
+            "family",
+            {
+                "classified": "{why}.",
+                "unknown": "unknown: {why}.",
+            },
+        ),
+        **_rules(
+            "attention_bound",
+            {
+                "off": "{device} attention has no element limit to keep under (SDPA's "
+                "fused kernels there do not materialise the scores); the limit is an mps one.",
+                "mps": "{exponent:pow2} elements per score block in every attention call (the "
+                "safe processor's bound: {attention_share:.0%} of {seen} over {live_blocks} "
+                "live {dtype} blocks, capped at {chunk_cap:pow2}); "
+                "{mps_large_attention.claim} ({mps_large_attention.source}). {estimate}",
+            },
+        ),
+        **_rules(
+            "attention_upcast_from",
+            {
+                "off-device": "the bfloat16 precision loss is in mps' attention kernels.",
+                "off-dtype": "attention runs in {dtype}, not bfloat16.",
+                "short": "at most {keys:count} keys per call at this size, under the "
+                "~{bf16_keys:count} from which bfloat16 attention loses precision on mps "
+                "({mps_bf16_long_attention.source}).",
+                "long": "from {bf16_keys:count} keys: {mps_bf16_long_attention.claim} "
+                "({mps_bf16_long_attention.source}) and this call has up to {keys} keys; "
+                "those calls run in float32 (bounded at float32's size).",
+                "known-failure": "from one key (every call): {ltx_bf16_black.claim} "
+                "({ltx_bf16_black.source}); every attention call runs in float32, bounded.",
+            },
+        ),
+        **_rules(
+            "float64_rescue",
+            {
+                "mps": "on: {mps_float64.claim} ({mps_float64.source}); float64 asked for on "
+                "mps during a call is made float32 (cost: {float64_rescue_cost.figure}).",
+                "off": "off: {device} computes float64.",
+            },
+        ),
+        **_rules(
+            "dtype",
+            {
+                "float8-stored": "the weights are stored as {stored} (float8), which "
+                "{device} cannot compute ({mps_float8.source}): they are upcast "
+                "while loading (exactly: every float8 value is a bfloat16 and a float16 "
+                "value), chosen as for bfloat16 weights: {then}",
+                "known-bf16-failure": "{then} {ltx_bf16_black.claim} "
+                "({ltx_bf16_black.source}): the weights stay bfloat16, and attention runs in "
+                "float32 (attention_upcast_from).",
+            },
+        ),
+        "memory_tight.video": Rule(
+            "memory_tight",
+            "{base} Video: decoding {frames} frames of {width}x{height} ({batch} clip(s)) "
+            "needs ~{need:size} at once, {share:.0%} of {memory} ({verdict} the "
+            "{tight_share:.0%} share; {video_decode.claim}, from ~{decode_per_pixel:count} "
+            "bytes per pixel in float32).",
+        ),
+        **_rules(
+            "vae_tiling",
+            {
+                "video-tiled": "on: a 3-D decode of {frames} frames of {width}x{height} on a "
+                "memory-tight machine: tiled by pixels (enable_tiling) and by frames "
+                "(frame-wise decoding where the VAE has it).",
+                "video-fits": "off: the clip's 3-D decode fits (~{need:size}).",
+            },
+        ),
+        "batch_to_loop.video": Rule(
+            "batch_to_loop",
+            "mps: {mps_batch.claim} ({mps_batch.source}), so prompts run one at a time; for "
+            "video one prompt is one clip: a clip's frames attend to each other and are never "
+            "split (its attention is bounded instead).",
+        ),
+    }
+)
+
+RULES = types.MappingProxyType({**RULES, **PROBLEM_RULES, **FAMILY_RULES})
 
 
 #: Parts of sentences that several rules share, chosen by the rule function: a field whose
@@ -687,6 +816,20 @@ PHRASES: Mapping[str, str] = types.MappingProxyType(
         "{known_problems_page})",
     }
 )
+
+
+#: The families' phrases: the attention bound's estimate at the plan's size.
+FAMILY_PHRASES: Mapping[str, str] = types.MappingProxyType(
+    {
+        "estimate-unknown": "Calls that fit run the native kernel unchanged.",
+        "estimate-within": "At {size}: {heads} heads x {tokens:count} tokens -> "
+        "{elements:.2g} score elements per image, within the bound: one native call.",
+        "estimate-split": "At {size}: {heads} heads x {tokens:count} tokens -> {elements:.2g} "
+        "score elements per image: split into >= {blocks:count} blocks.",
+    }
+)
+
+PHRASES = types.MappingProxyType({**PHRASES, **FAMILY_PHRASES})
 
 
 class Phrase(NamedTuple):

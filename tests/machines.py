@@ -42,6 +42,14 @@ MACHINES: dict[str, Environment] = {
         total_memory=16 * GiB,
         available_memory=9 * GiB,
     ),
+    "m2-24gb-macos14-torch2.8": Environment(
+        **_MAC,
+        chip="Apple M2",
+        macos_version=Version("14.6"),
+        torch_version=Version("2.8.0"),
+        total_memory=24 * GiB,
+        available_memory=14 * GiB,
+    ),
     "m3max-64gb-macos14": Environment(
         **_MAC,
         chip="Apple M3 Max",

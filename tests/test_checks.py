@@ -20,6 +20,7 @@ EXPECTED: dict[str, dict[str, str]] = {
         "mps-ready": "ok",
     },
     "m2-16gb-macos13-torch2.0": {"low-memory": "info", "mps-ready": "ok"},
+    "m2-24gb-macos14-torch2.8": {"low-memory": "info", "mps-ready": "ok"},
     "m3max-64gb-macos14": {"mps-ready": "ok"},
     "m4-128gb-macos15-torch-latest": {"mps-ready": "ok"},
     "intel-mac": {"not-apple-silicon": "info"},

@@ -49,6 +49,8 @@ LAYERS: dict[str, int] = {
     "_memory": 3,
     "_budget": 3,
     "_machines": 3,
+    # family facts read from configs and safetensors headers (mps_helpers._facts calls them)
+    "_family_facts": 3,
     # device self-tests: small torch ops on a device and their cached reports (the checks
     # turn failures into findings; the plan reads only the reports handed to it)
     "_selftest": 3,
@@ -57,6 +59,8 @@ LAYERS: dict[str, int] = {
     "_problem_rules": 4,
     # the memory measures the estimate needs (the plan's memory rules)
     "_fit": 4,
+    # the family rules (transformer and video denoisers), handed what they need by the plan
+    "_families": 4,
     # call-time pieces
     "_attention": 5,
     "_batch": 5,
@@ -68,11 +72,17 @@ LAYERS: dict[str, int] = {
     # per-prompt arguments read from the signature; the library's own progress bars
     "_per_prompt": 5,
     "_progress": 5,
+    # what surrounds a prepared call on mps: bounded SDPA, the float64 rescue, video decode
+    "_call_scope": 5,
+    "_bounded": 5,
+    "_dtype_rescue": 5,
+    "_video": 5,
     # the prepared call
     "_call": 6,
     # applying a plan, loading with one
     "_apply": 7,
     "_load": 7,
+    "_load_safety": 7,
     # faces (the package itself re-exports every layer lazily)
     "__init__": 8,
     "_auto": 8,

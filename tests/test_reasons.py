@@ -56,7 +56,47 @@ FACTS = {
     "bf16": dataclasses.replace(SD15, weights_dtype=torch.bfloat16),
     "no-upcast": dataclasses.replace(SD15, vae_force_upcast=False),
     "unknown": PipelineFacts(),
+    # the transformer and video families (mps_helpers._families)
+    "flux": PipelineFacts(
+        class_name="FluxPipeline",
+        denoiser_class="FluxTransformer2DModel",
+        supports_attention_slicing=False,
+        vae_force_upcast=False,
+        weights_dtype=torch.bfloat16,
+        default_height=1024,
+        default_width=1024,
+        denoiser_kind="transformer",
+        attention_heads=24,
+        attention_head_dim=128,
+        patch_size=1,
+        in_channels=64,
+        vae_latent_channels=16,
+        vae_spatial_compression=8,
+    ),
+    "wan": PipelineFacts(
+        class_name="WanPipeline",
+        denoiser_class="WanTransformer3DModel",
+        supports_attention_slicing=False,
+        vae_force_upcast=False,
+        weights_dtype=torch.bfloat16,
+        default_height=480,
+        default_width=832,
+        denoiser_kind="transformer",
+        attention_heads=12,
+        attention_head_dim=128,
+        patch_size=2,
+        patch_size_t=1,
+        in_channels=16,
+        vae_latent_channels=16,
+        vae_spatial_compression=8,
+        vae_temporal_compression=4,
+        takes_frames=True,
+        default_num_frames=81,
+    ),
 }
+FACTS["flux-fp8"] = dataclasses.replace(FACTS["flux"], stored_dtypes=("F8_E4M3",))
+FACTS["ltx"] = dataclasses.replace(FACTS["wan"], denoiser_class="LTXVideoTransformer3DModel")
+FACTS["wan-short"] = dataclasses.replace(FACTS["wan"], default_num_frames=5)
 OPTIONS: list[dict[str, Any]] = [
     {},
     {"batch_size": 1},
@@ -236,6 +276,7 @@ def test_every_template_formats_from_known_names() -> None:
             *(f"probe-{kind}" for kind in ("wrong", "nonfinite", "raised")),
             *(f"probe-{kind}" for kind in ("baddbmm", "layout", "layout-off-mps", "size")),
             *(f"probe-{kind}" for kind in ("size-bound", "half", "none")),
+            *(f"estimate-{kind}" for kind in ("unknown", "within", "split")),
         }
 
 
@@ -268,6 +309,10 @@ NAMES_WITH_DIGITS = {
     "arm64",
     "AVX512-BF16",
     "A1111's",
+    "float64",
+    "float8",
+    "float32's",
+    "3-D",
     *(problem.id for problem in KNOWN_PROBLEMS),
 }
 
