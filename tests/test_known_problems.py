@@ -24,6 +24,14 @@ from mps_helpers._selftest import PROBE_INFO, PROBES
 EXPECTED: dict[str, set[str]] = {
     "m1-8gb-macos12.6-torch1.13": {"baddbmm-beta0-nan", "non-blocking-copy"},
     "m2-16gb-macos13-torch2.0": {"baddbmm-beta0-nan", "sdpa-large-scores", "non-blocking-copy"},
+    "m2-24gb-macos14-torch2.8": {
+        "baddbmm-beta0-nan",
+        "sdpa-large-scores",
+        "bmm-large-output",
+        "sdpa-noncontiguous-query",
+        "sdpa-permuted-batch",
+        "non-blocking-copy",
+    },
     "m3max-64gb-macos14": {
         "baddbmm-beta0-nan",
         "sdpa-large-scores",
