@@ -144,6 +144,8 @@ def _directory_memory(directory: Path) -> _fit.MemoryInputs | None:
     except (OSError, ValueError):
         return None
     return _fit.MemoryInputs(spec, read_live_memory())
+
+
 def _safe_kwargs(kwargs: dict[str, Any], env: Environment | None) -> dict[str, Any]:
     """Drop a ``device_map`` to mps that is unsafe with this torch (issue 14)."""
     from mps_helpers._load_safety import safe_load_kwargs
