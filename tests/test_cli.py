@@ -64,7 +64,7 @@ def test_an_unknown_option_before_the_command_is_named_with_the_commands(
     err = capsys.readouterr().err
     assert err.startswith("usage: mps-helpers ")
     assert "unrecognized arguments: --bogus" in err
-    assert "doctor, run or demo" in err
+    assert "doctor, run, demo or fit" in err
 
 
 @pytest.mark.parametrize("command", ["doctor", "demo"])
