@@ -28,7 +28,6 @@ __all__ = [
     "dtype_name",
     "empty_device_cache",
     "format_bytes",
-    "has_multi_controlnet",
     "is_dtype",
     "module_dtype",
     "parse_version",
@@ -133,12 +132,6 @@ def module_dtype(module: torch.nn.Module) -> torch.dtype | None:
             dtype: torch.dtype = param.dtype
             return dtype
     return None
-
-
-def has_multi_controlnet(pipe: object) -> bool:
-    """Return whether the pipeline holds several ControlNets (a ``MultiControlNetModel``)."""
-    controlnet = getattr(pipe, "controlnet", None)
-    return controlnet is not None and hasattr(controlnet, "nets")
 
 
 def empty_device_cache(device: Literal["mps", "cuda"] | None = None) -> None:

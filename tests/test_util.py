@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import doctest
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ from mps_helpers._util import (
     MiB,
     dtype_name,
     format_bytes,
-    has_multi_controlnet,
     module_dtype,
     parse_version,
     release,
@@ -67,13 +65,6 @@ def test_module_dtype_is_the_first_floating_parameter() -> None:
     module[1].half()
     assert module_dtype(module) == torch.float32  # the embedding comes first
     assert module_dtype(torch.nn.ReLU()) is None
-
-
-def test_multi_controlnet_is_a_controlnet_with_nets() -> None:
-    assert has_multi_controlnet(SimpleNamespace(controlnet=SimpleNamespace(nets=[1, 2])))
-    assert not has_multi_controlnet(SimpleNamespace(controlnet=SimpleNamespace()))
-    assert not has_multi_controlnet(SimpleNamespace(controlnet=None))
-    assert not has_multi_controlnet(object())
 
 
 def test_empty_device_cache_touches_only_the_device_asked(monkeypatch: pytest.MonkeyPatch) -> None:
